@@ -173,6 +173,7 @@ class _Spec:
     architecture: Callable[[], nn.Module]  # the full network, randomly initialised
     trunk: Callable[[nn.Module], nn.Module]
     weights_enum: Any = None  # torchvision's IMAGENET1K_V1 entry; None for the Lite package
+    signed_maps: bool = False  # maps end without an activation (EfficientNet's linear blocks)
 
 
 def _lite0_architecture() -> nn.Module:
@@ -186,6 +187,7 @@ _REGISTRY: dict[str, _Spec] = {
         std=LITE_STD,
         architecture=_lite0_architecture,
         trunk=EfficientNetTrunk,
+        signed_maps=True,
     ),
     "wide_resnet50_2": _Spec(
         channels=(256, 512, 1024),
@@ -214,6 +216,15 @@ def list_backbones() -> list[str]:
 def backbone_channels(name: str) -> tuple[int, int, int]:
     """Channels of the three maps of ``name`` (``random:`` allowed), without building it."""
     return _spec(name).channels
+
+
+def backbone_signed_maps(name: str) -> bool:
+    """Whether the maps of ``name`` take negative values (no activation after the last block).
+
+    ResNet stages end with a ReLU; EfficientNet's inverted-residual blocks end linearly, so a
+    student that must reproduce their maps cannot end with a ReLU.
+    """
+    return _spec(name).signed_maps
 
 
 def create_backbone(

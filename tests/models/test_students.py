@@ -325,3 +325,14 @@ def test_gradient_reaches_every_student_parameter(students, name: str, variant: 
 
     missing = [n for n, p in student.named_parameters() if p.grad is None or not p.grad.any()]
     assert missing == []
+
+
+def test_rd_outputs_are_signed_only_for_teachers_with_signed_maps():
+    torch.manual_seed(0)
+    lite = create_student("rd", "tf_efficientnet_lite0", (24, 40, 112)).eval()
+    feats = [torch.randn(2, c, 64 // s, 64 // s) for c, s in zip((24, 40, 112), (4, 8, 16))]
+    assert all(bool((o < 0).any()) for o in lite(None, feats))
+
+    resnet = create_student("rd", "random:resnet18", (64, 128, 256)).eval()
+    feats = [torch.rand(2, c, 64 // s, 64 // s) for c, s in zip((64, 128, 256), (4, 8, 16))]
+    assert all(bool((o >= 0).all()) for o in resnet(None, feats))

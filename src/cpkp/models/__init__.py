@@ -47,7 +47,9 @@ def create_student(
     if variant == "fd":
         student: Student = create_fd_student(teacher_name, teacher_channels)
     elif variant == "rd":
-        student = RDStudent(teacher_channels)
+        from cpkp.backbones import backbone_signed_maps
+
+        student = RDStudent(teacher_channels, signed_maps=backbone_signed_maps(teacher_name))
     else:
         raise ConfigError(
             f"model.variant={variant!r}: expected one of {', '.join(STUDENT_VARIANTS)}"

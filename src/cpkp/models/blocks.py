@@ -97,6 +97,7 @@ class Bottleneck(nn.Module):
         resample: Resample = "none",
         norm_layer: LayerFactory = nn.BatchNorm2d,
         act_layer: LayerFactory = nn.ReLU,
+        final_act: bool = True,
     ) -> None:
         super().__init__()
         self.conv1 = conv1x1(in_channels, width)
@@ -111,7 +112,7 @@ class Bottleneck(nn.Module):
         self.bn3 = norm_layer(out_channels)
 
         self.shortcut = _shortcut(in_channels, out_channels, resample, norm_layer)
-        self.act3 = act_layer(inplace=True)
+        self.act3 = act_layer(inplace=True) if final_act else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         """``x``: [B, C_in, H, W] -> [B, C_out, H', W']."""
@@ -162,16 +163,28 @@ def make_stage(
     resample: Resample,
     norm_layer: LayerFactory = nn.BatchNorm2d,
     act_layer: LayerFactory = nn.ReLU,
+    final_act: bool = True,
 ) -> nn.Sequential:
     """``depth`` bottlenecks; the first one resamples the grid and changes the channel count.
 
+    ``final_act=False`` leaves the last block's output linear (for teachers with signed maps).
     Shapes: ``[B, in_channels, H, W] -> [B, out_channels, H', W']`` (see :class:`Bottleneck`).
     """
     if depth < 1:
         raise ValueError(f"depth={depth}: a stage needs at least one block")
-    blocks = [Bottleneck(in_channels, width, out_channels, resample, norm_layer, act_layer)]
-    for _ in range(depth - 1):
-        blocks.append(Bottleneck(out_channels, width, out_channels, "none", norm_layer, act_layer))
+    blocks = []
+    for i in range(depth):
+        blocks.append(
+            Bottleneck(
+                in_channels if i == 0 else out_channels,
+                width,
+                out_channels,
+                resample if i == 0 else "none",
+                norm_layer,
+                act_layer,
+                final_act=final_act or i < depth - 1,
+            )
+        )
     return nn.Sequential(*blocks)
 
 

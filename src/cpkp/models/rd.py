@@ -104,6 +104,8 @@ class ReverseDecoder(nn.Module):
         depths: blocks per stage, deep to shallow (RD4AD: 3, 4, 6).
         norm_layer: norm layer factory, called with a channel count.
         act_layer: activation factory, called with ``inplace=True``.
+        signed_maps: the teacher's maps take negative values, so each stage's output stays
+            linear instead of ending with the activation (RD4AD's ReLU suits ResNets only).
     """
 
     def __init__(
@@ -112,10 +114,14 @@ class ReverseDecoder(nn.Module):
         depths: tuple[int, int, int] = DECODER_DEPTHS,
         norm_layer: LayerFactory = nn.BatchNorm2d,
         act_layer: LayerFactory = nn.ReLU,
+        signed_maps: bool = False,
     ) -> None:
         super().__init__()
         c1, c2, c3 = channels
-        layers = dict(resample="up", norm_layer=norm_layer, act_layer=act_layer)
+        # NOTE: for signed teacher maps (EfficientNet) the stage outputs drop RD4AD's last ReLU.
+        layers = dict(
+            resample="up", norm_layer=norm_layer, act_layer=act_layer, final_act=not signed_maps
+        )
 
         self.stage3 = make_stage(2 * c3, bottleneck_width(c3), c3, depths[0], **layers)
         self.stage2 = make_stage(c3, bottleneck_width(c2), c2, depths[1], **layers)
@@ -144,6 +150,7 @@ class RDStudent(Student):
         bottleneck_depth: bottleneck blocks in the OCBE's stride-2 stage.
         norm_layer: norm layer factory (BatchNorm2d; SyncBatchNorm for DDP).
         act_layer: activation factory, called with ``inplace=True``.
+        signed_maps: the teacher's maps take negative values (see :class:`ReverseDecoder`).
     """
 
     kind = "rd"
@@ -155,12 +162,15 @@ class RDStudent(Student):
         bottleneck_depth: int = BOTTLENECK_DEPTH,
         norm_layer: LayerFactory = nn.BatchNorm2d,
         act_layer: LayerFactory = nn.ReLU,
+        signed_maps: bool = False,
     ) -> None:
         super().__init__()
         # NOTE: RD4AD builds ResNet-18 from BasicBlocks [2, 2, 2]; we use the WRN50-2 layout.
         self.channels = _checked_channels(channels)
         self.bottleneck = OneClassBottleneck(self.channels, bottleneck_depth, norm_layer, act_layer)
-        self.decoder = ReverseDecoder(self.channels, decoder_depths, norm_layer, act_layer)
+        self.decoder = ReverseDecoder(
+            self.channels, decoder_depths, norm_layer, act_layer, signed_maps
+        )
         init_resnet_weights(self)
         logger.debug(
             "RD student for channels %s: %d parameters", self.channels, count_parameters(self)
