@@ -109,7 +109,9 @@ class FeatureExtractor(nn.Module):
             when H or W is not a multiple of 16.
         """
         x = (x - self.mean_rgb) / self.std_rgb
-        return self.body(x)
+        # Channels-last runs depthwise convolutions several times faster on CPUs (and suits
+        # tensor cores); the layout changes no value.
+        return self.body(x.contiguous(memory_format=torch.channels_last))
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, channels={self.channels}, weights={self.weights_source!r}"

@@ -1,0 +1,692 @@
+"""The Python API: build a detector, fit it on normal images, score images, save and load.
+
+    detector = Detector.from_preset("cpu_rd_lite0", train={"epochs": 5})
+    detector.fit(["good/000.png", "good/001.png", ...])
+    result = detector.predict(["part.png"])        # scores and maps at each image's own size
+    detector.save("runs/plate"); Detector.load("runs/plate")
+
+The command line is a thin layer over this class.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+import cpkp
+from cpkp import runio
+from cpkp.backbones import create_backbone
+from cpkp.config import Config, apply_overrides, load_config, load_preset
+from cpkp.data.dataset import ImageDataset, validate_images
+from cpkp.data.records import Sample
+from cpkp.errors import CheckpointError, ConfigError, DatasetError
+from cpkp.models import create_student
+from cpkp.prototype import Prototype, build_prototype, nearest_prototype, patch_vectors, f_agg
+from cpkp.scoring import (
+    Calibration,
+    fuse,
+    gaussian_smooth,
+    image_scores,
+    kd_map,
+    kp_map,
+    resize_maps,
+    robust_scale,
+)
+from cpkp.training import CoProgressionTrainer, EpochLog, check_finite
+
+logger = logging.getLogger(__name__)
+
+ImageSource = Sample | str | Path
+
+
+@dataclass
+class ScoreBatch:
+    """Scores and maps of a batch at the model's size.
+
+    Attributes:
+        scores: [B] image scores of the fused, smoothed map.
+        maps: [B, 1, S, S] fused, smoothed anomaly maps.
+        kd_maps: [B, 1, S, S] smoothed ``A_kd`` (raw units), or None.
+        kp_maps: [B, 1, S, S] smoothed ``A_kp`` (raw units), or None without a prototype.
+        kp_index: [B, h, w] index of the nearest prototype per patch, or None.
+    """
+
+    scores: Tensor
+    maps: Tensor
+    kd_maps: Tensor | None
+    kp_maps: Tensor | None
+    kp_index: Tensor | None = None
+
+
+@dataclass
+class Prediction:
+    """What :meth:`Detector.predict` returns for each image."""
+
+    path: str
+    score: float
+    is_anomalous: bool
+    map: np.ndarray  # [H, W] float32 at the image's own size
+    mask: np.ndarray  # [H, W] bool, map >= pixel threshold
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU; anything else is passed to torch."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Detector:
+    """A CPKP anomaly detector: teacher, student, knowledge prototype and calibration.
+
+    Args:
+        config: the run configuration (validated here).
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config.validate()
+        self.device = resolve_device(config.train.device)
+        self.teacher: nn.Module | None = None
+        self.student: nn.Module | None = None
+        self.prototype: Prototype | None = None
+        self.calibration = Calibration()
+        self.kp_scale = 1.0
+        self.train_images: list[str] = []
+        self.history: list[dict[str, Any]] = []
+        self.epoch_logs: list[EpochLog] = []
+        self.weights_source = ""
+
+    @classmethod
+    def from_preset(cls, name: str = "cpu_rd_lite0", **overrides: dict[str, Any]) -> Detector:
+        """A detector from a shipped preset (or YAML path), with section overrides.
+
+        Example: ``Detector.from_preset("cpu_rd_lite0", train={"epochs": 2})``.
+        """
+        config = load_preset(name)
+        apply_overrides(config, overrides, source="overrides")
+        return cls(config)
+
+    @property
+    def image_size(self) -> int:
+        return self.config.data.image_size
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.teacher is not None and self.student is not None
+
+    # ----------------------------------------------------------------------------- training
+
+    def fit(
+        self,
+        images: Sequence[ImageSource],
+        run_dir: str | Path | None = None,
+        progress: bool = True,
+        on_epoch: Callable[[EpochLog], None] | None = None,
+    ) -> list[EpochLog]:
+        """Train on normal images: build the prototype, co-progress, calibrate.
+
+        Args:
+            images: normal training images (Sample records or paths).
+            run_dir: when given, the run is saved there: the config at once, a checkpoint
+                every ``train.checkpoint_every`` epochs and at the end, the per-epoch log, and
+                the final weights, prototype and calibration.
+            progress: show progress bars.
+            on_epoch: called after every epoch with its log.
+
+        Returns:
+            One :class:`EpochLog` per epoch.
+        """
+        cfg = self.config
+        dataset = self._training_dataset(images)
+        run_dir = self._start_run_dir(run_dir)
+        seed_everything(cfg.train.seed)
+
+        monitor = self._build_networks()
+        if cfg.prototype.enabled:
+            self.prototype = build_prototype(
+                monitor,
+                self._loader(dataset, shuffle=False),
+                cfg.prototype,
+                self.device,
+                seed=cfg.train.seed,
+                progress=progress,
+            )
+            self.kp_scale = self._kp_scale() if cfg.train.kp_normalise else 1.0
+        del monitor
+
+        trainer = self._trainer()
+        generator = torch.Generator().manual_seed(cfg.train.seed)
+        return self._train(dataset, trainer, generator, 0, run_dir, progress, on_epoch)
+
+    @classmethod
+    def resume(
+        cls,
+        run_dir: str | Path,
+        progress: bool = True,
+        on_epoch: Callable[[EpochLog], None] | None = None,
+    ) -> Detector:
+        """Continue a killed run from its last checkpoint and finish it.
+
+        The prototype, both optimisers' states and every random state (data order included)
+        are restored, never rebuilt, so on the CPU the final weights are bit-identical to those
+        of an uninterrupted run with the same seed.
+        """
+        from cpkp.checkpoint import optimizer_from_flat, read_checkpoint, restore_random_states
+
+        run_dir = Path(run_dir)
+        tensors, meta = read_checkpoint(run_dir)
+        detector = cls(load_config(run_dir / runio.CONFIG_FILE))
+        detector._restore_networks(tensors, run_dir)
+        detector.train_images = list(meta["train_images"])
+        detector.kp_scale = float(meta["kp_scale"])
+        detector.weights_source = meta["weights_source"]
+        detector.epoch_logs = [EpochLog(**log) for log in meta["epoch_logs"]]
+        dataset = detector._training_dataset(detector.train_images)
+
+        trainer = detector._trainer()
+        optimizer_from_flat(trainer.optim_student, tensors, meta["optim_student"], "optim_student")
+        optimizer_from_flat(trainer.optim_teacher, tensors, meta["optim_teacher"], "optim_teacher")
+        generator = torch.Generator()
+        restore_random_states(tensors, meta["random"], generator)
+        logger.info("resuming %s after epoch %d", run_dir, meta["epoch"])
+        detector._train(dataset, trainer, generator, meta["epoch"], run_dir, progress, on_epoch)
+        return detector
+
+    def _training_dataset(self, images: Sequence[ImageSource]) -> ImageDataset:
+        if len(images) == 0:
+            raise DatasetError("no training images were given")
+        dataset = ImageDataset(list(images), self.config.data.image_size)
+        validate_images(dataset.samples)
+        self.train_images = [str(_path_of(s)) for s in images]
+        return dataset
+
+    def _start_run_dir(self, run_dir: str | Path | None) -> Path | None:
+        if run_dir is None:
+            return None
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        runio.write_yaml(run_dir / runio.CONFIG_FILE, self.config.to_dict())
+        (run_dir / runio.TRAIN_LOG).unlink(missing_ok=True)
+        return run_dir
+
+    def _trainer(self) -> CoProgressionTrainer:
+        vectors = None
+        if self.prototype is not None:
+            vectors = self.prototype.vectors.to(self.device).float()
+        return CoProgressionTrainer(self.teacher, self.student, vectors, self.config, self.kp_scale)
+
+    def _train(
+        self,
+        dataset: ImageDataset,
+        trainer: CoProgressionTrainer,
+        generator: torch.Generator,
+        start_epoch: int,
+        run_dir: Path | None,
+        progress: bool,
+        on_epoch: Callable[[EpochLog], None] | None,
+    ) -> list[EpochLog]:
+        """Epochs ``start_epoch + 1 .. epochs``, checkpoints, then calibration and the save."""
+        cfg = self.config
+        loader = self._loader(dataset, shuffle=True, generator=generator)
+        logger.info(
+            "training %s student on %d images for %d epochs (co_progression=%s, prototype=%s)",
+            cfg.model.variant.upper(),
+            len(dataset),
+            cfg.train.epochs,
+            cfg.train.co_progression,
+            cfg.prototype.enabled,
+        )
+        kept = None
+        for epoch in range(start_epoch, cfg.train.epochs):
+            log = self._train_epoch(trainer, loader, epoch, progress)
+            self.epoch_logs.append(log)
+            if on_epoch is not None:
+                on_epoch(log)
+            if cfg.train.keep_epoch == epoch + 1:
+                kept = self._snapshot()
+            if run_dir is not None:
+                _append_train_log(run_dir / runio.TRAIN_LOG, log)
+                done = epoch + 1 == cfg.train.epochs
+                if (epoch + 1) % cfg.train.checkpoint_every == 0 or done:
+                    self._save_checkpoint(run_dir, trainer, generator, epoch + 1)
+
+        if kept is not None:
+            # NOTE: the user chose an earlier epoch from normal images only; never by test labels.
+            self.teacher.load_state_dict(kept["teacher"])
+            self.student.load_state_dict(kept["student"])
+            logger.info("kept the weights of epoch %d", cfg.train.keep_epoch)
+        self.calibrate(dataset, progress=progress)
+        self.history.append(
+            {"event": "fit", "time": _now(), "images": len(dataset), "epochs": cfg.train.epochs}
+        )
+        if run_dir is not None:
+            self.save(run_dir)
+        return self.epoch_logs
+
+    def _snapshot(self) -> dict[str, dict[str, Tensor]]:
+        return {
+            "teacher": {k: v.clone() for k, v in self.teacher.state_dict().items()},
+            "student": {k: v.clone() for k, v in self.student.state_dict().items()},
+        }
+
+    def _save_checkpoint(
+        self, run_dir: Path, trainer: CoProgressionTrainer, generator: torch.Generator, epoch: int
+    ) -> None:
+        from cpkp.checkpoint import optimizer_to_flat, random_states, write_checkpoint
+
+        tensors = self._network_tensors()
+        student_t, student_meta = optimizer_to_flat(trainer.optim_student, "optim_student")
+        teacher_t, teacher_meta = optimizer_to_flat(trainer.optim_teacher, "optim_teacher")
+        rng_t, rng_meta = random_states(generator)
+        meta = {
+            "format_version": runio.FORMAT_VERSION,
+            "cpkp_version": cpkp.__version__,
+            "epoch": epoch,
+            "train_images": self.train_images,
+            "kp_scale": self.kp_scale,
+            "weights_source": self.weights_source,
+            "optim_student": student_meta,
+            "optim_teacher": teacher_meta,
+            "random": rng_meta,
+            "epoch_logs": [dataclasses.asdict(log) for log in self.epoch_logs],
+        }
+        write_checkpoint(run_dir, tensors | student_t | teacher_t | rng_t, meta)
+        logger.info("checkpoint after epoch %d written to %s", epoch, run_dir)
+
+    def _build_networks(self) -> nn.Module:
+        """Monitor (frozen pretrained backbone), teacher (its trainable copy) and student."""
+        cfg = self.config
+        monitor = create_backbone(
+            cfg.model.backbone, weights=cfg.model.weights, download=cfg.model.download_weights
+        )
+        self.weights_source = monitor.weights_source
+        monitor = _place(monitor, self.device).eval().requires_grad_(False)
+        self.teacher = copy.deepcopy(monitor).requires_grad_(True)
+        student = create_student(cfg.model.variant, monitor.name, monitor.channels)
+        self.student = _place(student, self.device)
+        return monitor
+
+    def _train_epoch(
+        self, trainer: CoProgressionTrainer, loader: DataLoader, epoch: int, progress: bool
+    ) -> EpochLog:
+        sums: dict[str, float] = {"kd": 0.0, "kp": 0.0, "teacher": 0.0}
+        first = None
+        bar = tqdm(
+            loader,
+            desc=f"epoch {epoch + 1}/{self.config.train.epochs}",
+            disable=not progress,
+            leave=False,
+        )
+        start = time.perf_counter()
+        for i, batch in enumerate(bar):
+            x = _channels_last(batch["image"], self.device)
+            with self._autocast():
+                result = trainer.train_step(x, measure_gradients=(i == 0))
+            check_finite(result, epoch, i)
+            first = first or result
+            sums["kd"] += result.kd
+            sums["kp"] += result.kp or 0.0
+            sums["teacher"] += result.teacher or 0.0
+            postfix = {"L_kd": f"{result.kd:.4f}"}
+            if result.kp is not None:
+                postfix["L_kp"] = f"{result.kp:.4f}"
+            bar.set_postfix(postfix)
+        n = len(loader)
+        has_kp = trainer.teacher_steps and self.prototype is not None
+        log = EpochLog(
+            epoch=epoch + 1,
+            kd=sums["kd"] / n,
+            kp=sums["kp"] / n if has_kp else None,
+            teacher=sums["teacher"] / n if trainer.teacher_steps else None,
+            grad_kp_norm=first.grad_kp_norm,
+            grad_kd_norm=first.grad_kd_norm,
+            grad_cosine=first.grad_cosine,
+            extra={"seconds": round(time.perf_counter() - start, 3)},
+        )
+        logger.info(
+            "epoch %d: L_kd %.5f%s%s",
+            log.epoch,
+            log.kd,
+            "" if log.kp is None else f", L_kp {log.kp:.5f}",
+            ""
+            if log.grad_cosine is None
+            else f", |grad kp| {log.grad_kp_norm:.3g}, |grad kd| {log.grad_kd_norm:.3g}, "
+            f"cos {log.grad_cosine:.3f}",
+        )
+        return log
+
+    def _autocast(self):
+        if self.config.train.amp and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, enabled=False)
+
+    def _kp_scale(self) -> float:
+        """Mean nearest-neighbour distance among prototypes (``kp_normalise``)."""
+        vectors = self.prototype.vectors.float()
+        if len(vectors) < 2:
+            return 1.0
+        idx = torch.arange(len(vectors))
+        dists = []
+        for start in range(0, len(vectors), 4096):
+            rows = idx[start : start + 4096]
+            d = torch.cdist(vectors[rows], vectors)
+            d[torch.arange(len(rows)), rows] = math.inf
+            dists.append(d.min(1).values)
+        return float(torch.cat(dists).mean().clamp_min(1e-6))
+
+    # -------------------------------------------------------------------------- calibration
+
+    def calibrate(self, images: ImageDataset | Sequence[ImageSource], progress: bool = False):
+        """Robust scaling and thresholds from normal training images (own prototypes excluded).
+
+        The image threshold is the ``image_threshold_quantile`` of these images' scores, the
+        pixel threshold the ``pixel_threshold_quantile`` of their smoothed pixel scores.
+        """
+        dataset = images if isinstance(images, ImageDataset) else self._dataset(images)
+        kd_all, kp_all = [], []
+        for batch in tqdm(self._loader(dataset), desc="calibrating", disable=not progress):
+            kd, kp, _ = self._raw_maps(batch["image"], batch["index"], exclude_own=True)
+            if kd is not None:
+                kd_all.append(kd.cpu())
+            if kp is not None:
+                kp_all.append(kp.cpu())
+        cal = Calibration()
+        if kd_all:
+            cal.kd_median, cal.kd_p99 = robust_scale(_subsample(torch.cat(kd_all)))
+        if kp_all:
+            cal.kp_median, cal.kp_p99 = robust_scale(_subsample(torch.cat(kp_all)))
+        self.calibration = cal
+
+        fused = self._fuse_smooth(
+            torch.cat(kd_all) if kd_all else None, torch.cat(kp_all) if kp_all else None
+        )
+        scoring = self.config.scoring
+        cal.image_threshold = float(
+            np.quantile(image_scores(fused).numpy(), scoring.image_threshold_quantile)
+        )
+        cal.pixel_threshold = float(
+            np.quantile(_subsample(fused), scoring.pixel_threshold_quantile)
+        )
+        logger.info(
+            "calibration: A_kd median %.4g p99 %.4g; A_kp median %.4g p99 %.4g; "
+            "thresholds image %.4g pixel %.4g",
+            cal.kd_median,
+            cal.kd_p99,
+            cal.kp_median,
+            cal.kp_p99,
+            cal.image_threshold,
+            cal.pixel_threshold,
+        )
+        return cal
+
+    # ------------------------------------------------------------------------------ scoring
+
+    @torch.inference_mode()
+    def score_batch(self, x: Tensor) -> ScoreBatch:
+        """Score a batch of images already at the model size.
+
+        Args:
+            x: [B, 3, S, S] images in [0, 1].
+        """
+        self._require_fitted()
+        kd, kp, index = self._raw_maps(x, None, exclude_own=False)
+        maps = self._fuse_smooth(kd, kp)
+        sigma = self._sigma()
+        return ScoreBatch(
+            scores=image_scores(maps),
+            maps=maps,
+            kd_maps=None if kd is None else gaussian_smooth(kd, sigma),
+            kp_maps=None if kp is None else gaussian_smooth(kp, sigma),
+            kp_index=index,
+        )
+
+    def predict(
+        self, images: Sequence[ImageSource] | Tensor, batch_size: int | None = None
+    ) -> list[Prediction]:
+        """Score images of any size; maps come back at each image's own size.
+
+        Args:
+            images: paths / Sample records, or a tensor [B, 3, H, W] in [0, 1].
+            batch_size: images per forward pass (default: the training batch size).
+        """
+        self._require_fitted()
+        if isinstance(images, Tensor):
+            return self._predict_tensor(images)
+        dataset = self._dataset(images)
+        out = []
+        for batch in self._loader(dataset, batch_size=batch_size):
+            result = self.score_batch(batch["image"].to(self.device))
+            sizes = [tuple(s.tolist()) for s in batch["size"]]
+            for path, score, m in zip(
+                batch["path"], result.scores.cpu(), resize_maps(result.maps.cpu(), sizes)
+            ):
+                out.append(self._prediction(path, float(score), m[0].numpy()))
+        return out
+
+    def _predict_tensor(self, images: Tensor) -> list[Prediction]:
+        h, w = images.shape[-2:]
+        x = torch.nn.functional.interpolate(
+            images.float(), size=(self.image_size,) * 2, mode="bilinear", antialias=True
+        )
+        result = self.score_batch(x.to(self.device))
+        maps = resize_maps(result.maps.cpu(), [(h, w)] * len(images))
+        return [
+            self._prediction(f"tensor[{i}]", float(s), m[0].numpy())
+            for i, (s, m) in enumerate(zip(result.scores.cpu(), maps))
+        ]
+
+    def _prediction(self, path: str, score: float, amap: np.ndarray) -> Prediction:
+        return Prediction(
+            path=str(path),
+            score=score,
+            is_anomalous=score >= self.calibration.image_threshold,
+            map=amap.astype(np.float32),
+            mask=amap >= self.calibration.pixel_threshold,
+        )
+
+    def _raw_maps(
+        self, x: Tensor, indices: Tensor | None, exclude_own: bool
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """Unsmoothed ``A_kd`` and ``A_kp`` at the model size, and the prototype indices."""
+        x = _channels_last(x, self.device)
+        size = (x.shape[-2], x.shape[-1])
+        with torch.inference_mode(), self._autocast():
+            self.teacher.eval()
+            self.student.eval()
+            teacher_feats = [f.float() for f in self.teacher(x)]
+            student_feats = [f.float() for f in self.student(x, teacher_feats)]
+        kd = kd_map(teacher_feats, student_feats, size)
+        if self.prototype is None:
+            return kd, None, None
+        vectors = self.prototype.vectors.to(self.device)
+        exclude = None
+        if exclude_own and indices is not None:
+            owner = self.prototype.provenance[:, 0].to(self.device)
+            exclude = [owner == int(i) for i in indices]
+            exclude = [None if bool(m.all()) else m for m in exclude]
+        kp = kp_map(teacher_feats, vectors, self.config.prototype, size, exclude)
+        index = None
+        if not exclude_own:
+            agg = f_agg(teacher_feats, self.config.prototype)
+            b, _, h, w = agg.shape
+            _, idx = nearest_prototype(
+                patch_vectors(agg), vectors, self.config.prototype.chunk_size
+            )
+            index = idx.view(b, h, w)
+        return kd, kp, index
+
+    def _fuse_smooth(self, kd: Tensor | None, kp: Tensor | None) -> Tensor:
+        scoring = self.config.scoring
+        fused = fuse(kd, kp, self.calibration, scoring.gamma, scoring.fusion)
+        return gaussian_smooth(fused, self._sigma())
+
+    def _sigma(self) -> float:
+        """σ = 4 px at 256x256, scaled with the model size (DESIGN.md §1.3)."""
+        return self.config.scoring.sigma * self.image_size / 256.0
+
+    # ------------------------------------------------------------------------ save and load
+
+    def save(self, run_dir: str | Path) -> Path:
+        """Write the run folder (config, weights, metadata); every file written atomically."""
+        self._require_fitted()
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        runio.save_tensors(run_dir / runio.WEIGHTS_FILE, self._network_tensors())
+        runio.write_yaml(run_dir / runio.CONFIG_FILE, self.config.to_dict())
+        runio.write_json(run_dir / runio.META_FILE, self._meta())
+        logger.info("saved run to %s", run_dir)
+        return run_dir
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "format_version": runio.FORMAT_VERSION,
+            "cpkp_version": cpkp.__version__,
+            "saved": _now(),
+            "backbone": self.config.model.backbone,
+            "weights_source": self.weights_source,
+            "variant": self.config.model.variant,
+            "epochs_done": len(self.epoch_logs) or None,
+            "calibration": self.calibration.to_dict(),
+            "kp_scale": self.kp_scale,
+            "prototype_grid": None if self.prototype is None else list(self.prototype.grid),
+            "prototype_size": None if self.prototype is None else len(self.prototype.vectors),
+            "train_images": self.train_images,
+            "history": self.history,
+        }
+
+    @classmethod
+    def load(cls, run_dir: str | Path, device: str | None = None) -> Detector:
+        """Rebuild a detector from a run folder written by :meth:`save`."""
+        run_dir = Path(run_dir)
+        meta = runio.read_meta(run_dir)
+        config = load_config(run_dir / runio.CONFIG_FILE)
+        if device is not None:
+            config.train.device = device
+        detector = cls(config)
+        detector._restore_networks(runio.load_tensors(run_dir / runio.WEIGHTS_FILE), run_dir)
+        detector.calibration = Calibration.from_dict(meta["calibration"])
+        detector.kp_scale = float(meta.get("kp_scale", 1.0))
+        detector.train_images = list(meta.get("train_images", []))
+        detector.history = list(meta.get("history", []))
+        detector.weights_source = meta.get("weights_source", "")
+        return detector
+
+    def _network_tensors(self) -> dict[str, Tensor]:
+        tensors = runio.with_prefix(self.teacher.state_dict(), "teacher")
+        tensors |= runio.with_prefix(self.student.state_dict(), "student")
+        if self.prototype is not None:
+            tensors |= runio.with_prefix(self.prototype.to_tensors(), "prototype")
+        return tensors
+
+    def _restore_networks(self, tensors: dict[str, Tensor], run_dir: Path) -> None:
+        """Teacher, student and prototype from saved tensors (architectures rebuilt quietly)."""
+        name = self.config.model.backbone.removeprefix("random:")
+        teacher = create_backbone(f"random:{name}", quiet=True)
+        student = create_student(self.config.model.variant, teacher.name, teacher.channels)
+        _load_state(teacher, runio.split_prefixed(tensors, "teacher"), run_dir, "teacher")
+        _load_state(student, runio.split_prefixed(tensors, "student"), run_dir, "student")
+        self.teacher = _place(teacher, self.device).eval().requires_grad_(True)
+        self.student = _place(student, self.device)
+        proto = runio.split_prefixed(tensors, "prototype")
+        self.prototype = Prototype.from_tensors(proto) if proto else None
+
+    # ---------------------------------------------------------------------------- internals
+
+    def _dataset(self, images: Sequence[ImageSource]) -> ImageDataset:
+        if len(images) == 0:
+            raise DatasetError("no images were given")
+        return ImageDataset(list(images), self.image_size)
+
+    def _loader(
+        self,
+        dataset: ImageDataset,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        batch_size: int | None = None,
+    ) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size or self.config.train.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.config.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def _require_fitted(self) -> None:
+        if not self.is_fitted:
+            raise CheckpointError("this detector is not trained: call fit() or Detector.load()")
+
+
+def _place(module: nn.Module, device: torch.device) -> nn.Module:
+    """Move to ``device`` in channels-last layout.
+
+    Depthwise convolutions (EfficientNet) run several times faster channels-last on CPUs, and
+    ResNets are no slower; the layout changes no value.
+    """
+    return module.to(device=device, memory_format=torch.channels_last)
+
+
+def _channels_last(x: Tensor, device: torch.device) -> Tensor:
+    return x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+
+
+def _load_state(module: nn.Module, state: dict[str, Tensor], run_dir: Path, what: str) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"{run_dir / runio.WEIGHTS_FILE}: the {what} weights do not match the architecture "
+            f"named in {runio.CONFIG_FILE} ({str(err).splitlines()[0]})"
+        ) from err
+
+
+def _append_train_log(path: Path, log: EpochLog) -> None:
+    """Append one epoch to the CSV log (header on first write)."""
+    fields = ["epoch", "kd", "kp", "teacher", "grad_kp_norm", "grad_kd_norm", "grad_cosine"]
+    row = [getattr(log, f) for f in fields] + [log.extra.get("seconds")]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or log.epoch == 1
+    with open(path, "w" if new else "a") as fh:
+        if new:
+            fh.write(",".join(fields + ["seconds"]) + "\n")
+        fh.write(",".join("" if v is None else f"{v:.6g}" for v in row) + "\n")
+
+
+def _subsample(values: Tensor, limit: int = 20_000_000) -> np.ndarray:
+    """A strided subset of at most ``limit`` values, for quantiles on large map stacks."""
+    flat = values.reshape(-1)
+    step = max(1, math.ceil(flat.numel() / limit))
+    return flat[::step].float().numpy()
+
+
+def _path_of(item: ImageSource) -> Path:
+    return item.image if isinstance(item, Sample) else Path(item)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,175 @@
+"""Testing a trained detector on a labelled test split: metrics, scores and overlays on disk.
+
+Writes into the run folder (or ``out_dir``):
+
+    metrics.json    fused score, A_kd alone and A_kp alone; overall and per defect type
+    scores.csv      one row per image: path, label, defect type, scores, prediction
+    overlays/       input | ground truth | anomaly map | thresholded region
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from cpkp import runio
+from cpkp.api import Detector
+from cpkp.data.dataset import ImageDataset, validate_images
+from cpkp.data.records import Sample
+from cpkp.errors import DatasetError
+from cpkp.metrics import compute_metrics
+from cpkp.report import overlay_panel
+
+logger = logging.getLogger(__name__)
+
+PARTS = ("fused", "kd", "kp")  # the fused map and each part alone
+
+
+@dataclass
+class TestOutputs:
+    """Everything a test pass produced, kept in memory for reports."""
+
+    samples: list[Sample]
+    scores: dict[str, np.ndarray]  # part -> [N]
+    maps: dict[str, np.ndarray]  # part -> [N, S, S] float32 at the model size
+    masks: np.ndarray  # [N, S, S] bool
+    labels: np.ndarray  # [N] int
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def run_test(
+    detector: Detector,
+    samples: Sequence[Sample],
+    out_dir: str | Path | None = None,
+    overlays: bool = True,
+    progress: bool = True,
+) -> TestOutputs:
+    """Score every test sample, compute the metrics and write the outputs.
+
+    Args:
+        detector: a fitted detector.
+        samples: labelled test samples (masks where the dataset has them).
+        out_dir: where to write ``metrics.json``, ``scores.csv`` and ``overlays/``; nothing is
+            written when None.
+        overlays: write one overlay PNG per test image.
+        progress: show a progress bar.
+    """
+    samples = list(samples)
+    if not samples:
+        raise DatasetError("the test split holds no images")
+    validate_images(samples)
+    dataset = ImageDataset(samples, detector.image_size)
+    outputs = _score_all(detector, dataset, progress)
+    outputs.metrics = _metrics(outputs)
+    if out_dir is not None:
+        write_outputs(detector, dataset, outputs, Path(out_dir), overlays)
+    return outputs
+
+
+def _score_all(detector: Detector, dataset: ImageDataset, progress: bool) -> TestOutputs:
+    scores = {p: [] for p in PARTS}
+    maps = {p: [] for p in PARTS}
+    masks, labels = [], []
+    loader = detector._loader(dataset)
+    for batch in tqdm(loader, desc="testing", disable=not progress):
+        result = detector.score_batch(batch["image"])
+        parts = {"fused": result.maps, "kd": result.kd_maps, "kp": result.kp_maps}
+        for name, m in parts.items():
+            if m is None:
+                continue
+            maps[name].append(m[:, 0].cpu().float().numpy())
+            scores[name].append(m.flatten(1).amax(1).cpu().float().numpy())
+        masks.append(batch["mask"][:, 0].numpy() > 0.5)
+        labels.append(batch["label"].numpy())
+    return TestOutputs(
+        samples=list(dataset.samples),
+        scores={k: np.concatenate(v) for k, v in scores.items() if v},
+        maps={k: np.concatenate(v) for k, v in maps.items() if v},
+        masks=np.concatenate(masks),
+        labels=np.concatenate(labels).astype(int),
+    )
+
+
+def _metrics(outputs: TestOutputs) -> dict[str, Any]:
+    names = [str(s.image) for s in outputs.samples]
+    types = [s.defect_type for s in outputs.samples]
+    has_masks = any(len(s.masks) > 0 for s in outputs.samples)
+    result = {}
+    for part, scores in outputs.scores.items():
+        result[part] = compute_metrics(
+            scores,
+            outputs.labels,
+            maps=outputs.maps[part] if has_masks else None,
+            masks=outputs.masks if has_masks else None,
+            defect_types=types,
+            names=names,
+        )
+    return result
+
+
+def write_outputs(
+    detector: Detector,
+    dataset: ImageDataset,
+    outputs: TestOutputs,
+    out_dir: Path,
+    overlays: bool,
+) -> None:
+    """metrics.json, scores.csv and (optionally) overlays/ under ``out_dir``."""
+    runio.write_json(out_dir / "metrics.json", outputs.metrics)
+    runio.write_text(out_dir / "scores.csv", _scores_csv(detector, outputs))
+    if overlays:
+        _write_overlays(detector, dataset, outputs, out_dir / "overlays")
+    logger.info("test results written to %s", out_dir)
+
+
+def _scores_csv(detector: Detector, outputs: TestOutputs) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    parts = [p for p in PARTS if p in outputs.scores]
+    writer.writerow(
+        ["path", "label", "defect_type", "score", "prediction"]
+        + [f"score_{p}" for p in parts if p != "fused"]
+    )
+    threshold = detector.calibration.image_threshold
+    for i, sample in enumerate(outputs.samples):
+        score = float(outputs.scores["fused"][i])
+        writer.writerow(
+            [str(sample.image), sample.label, sample.defect_type, f"{score:.6g}"]
+            + [int(score >= threshold)]
+            + [f"{float(outputs.scores[p][i]):.6g}" for p in parts if p != "fused"]
+        )
+    return buffer.getvalue()
+
+
+def _write_overlays(
+    detector: Detector, dataset: ImageDataset, outputs: TestOutputs, folder: Path
+) -> None:
+    fused = outputs.maps["fused"]
+    low, high = np.percentile(fused, [1.0, 99.9])
+    threshold = detector.calibration.pixel_threshold
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, sample in enumerate(outputs.samples):
+        image = dataset[i]["image"].permute(1, 2, 0).numpy()
+        panel = overlay_panel(image, outputs.masks[i], fused[i], threshold, low, high)
+        name = f"{sample.defect_type}_{Path(sample.image).stem}.png"
+        runio.atomic_write(folder / name, lambda tmp, p=panel: Image.fromarray(p).save(tmp, "PNG"))
+
+
+def metrics_table_rows(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers of one run's metrics: image/pixel AUROC, AUPRO, F1-max per part."""
+    rows = {}
+    for part, values in metrics.items():
+        overall = values.get("overall", values)
+        rows[part] = {
+            k: overall.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
+        }
+    return rows
