@@ -14,14 +14,30 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from cpkp.api import Detector
 from cpkp.cli import main
-from cpkp.data.demo import make_demo_dataset
+from cpkp.data.demo import make_demo_dataset, normal_image, synthesize_defect
 from cpkp.data.readers import read_mvtec
 from cpkp.evaluate import run_test
 
 SIZE = 128
+
+
+def _strengthen_defects(root: Path) -> None:
+    """Replace the subset's defects by clearly visible ones (4% area, full contrast).
+
+    The demo's own defects go down to 10% contrast and 0.1% area, far too subtle for a one-epoch
+    student on 8 images; this test checks the plumbing, so its defects must be unmistakable.
+    """
+    rng = np.random.default_rng(0)
+    for i, path in enumerate(sorted((root / "brick" / "test").glob("[!g]*/*.png"))):
+        clean = normal_image("brick", "test", 100 + i, seed=3, size=SIZE)
+        image, mask, _ = synthesize_defect(clean, "hole", 0.04, 1.0, rng)
+        Image.fromarray(image).save(path)
+        mask_path = root / "brick" / "ground_truth" / path.parent.name / f"{path.stem}_mask.png"
+        Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +47,7 @@ def trained(tmp_path_factory):
         root / "data", seed=3, categories=["brick"], n_train=8, n_test_good=4, n_defect=8,
         size=SIZE,
     )
+    _strengthen_defects(root / "data")
     splits = read_mvtec(root / "data", "brick")
     detector = Detector.from_preset(
         "cpu_rd_lite0", train={"epochs": 1, "batch_size": 4}, data={"image_size": SIZE}
