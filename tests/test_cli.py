@@ -49,8 +49,18 @@ def _error(argv, capsys) -> str:
 def test_missing_dataset_root_names_the_folder(tmp_path, capsys):
     missing = tmp_path / "nowhere"
     err = _error(
-        ["-q", "train", "--dataset", "mvtec", "--root", str(missing), "--category", "bottle",
-         "--out", str(tmp_path / "run")],
+        [
+            "-q",
+            "train",
+            "--dataset",
+            "mvtec",
+            "--root",
+            str(missing),
+            "--category",
+            "bottle",
+            "--out",
+            str(tmp_path / "run"),
+        ],
         capsys,
     )
     assert str(missing) in err
@@ -63,8 +73,18 @@ def test_dataset_without_root_says_what_is_needed(tmp_path, capsys):
 
 def test_unknown_config_key_is_refused(tmp_path, capsys):
     err = _error(
-        ["-q", "train", "--dataset", "folder", "--normal", str(tmp_path),
-         "--set", "train.epoch=3", "--out", str(tmp_path / "r")],
+        [
+            "-q",
+            "train",
+            "--dataset",
+            "folder",
+            "--normal",
+            str(tmp_path),
+            "--set",
+            "train.epoch=3",
+            "--out",
+            str(tmp_path / "r"),
+        ],
         capsys,
     )
     assert "train.epoch" in err
@@ -72,19 +92,43 @@ def test_unknown_config_key_is_refused(tmp_path, capsys):
 
 def test_image_size_rule_is_stated(tmp_path, capsys):
     err = _error(
-        ["-q", "train", "--dataset", "folder", "--normal", str(tmp_path), "--image-size", "250",
-         "--out", str(tmp_path / "r")],
+        [
+            "-q",
+            "train",
+            "--dataset",
+            "folder",
+            "--normal",
+            str(tmp_path),
+            "--image-size",
+            "250",
+            "--out",
+            str(tmp_path / "r"),
+        ],
         capsys,
     )
     assert "multiple of 32" in err
 
 
 def test_test_and_predict_on_a_missing_run(tmp_path, capsys):
-    err = _error(["-q", "test", "--run", str(tmp_path / "norun"), "--dataset", "mvtec",
-                  "--root", str(tmp_path), "--category", "x"], capsys)
+    err = _error(
+        [
+            "-q",
+            "test",
+            "--run",
+            str(tmp_path / "norun"),
+            "--dataset",
+            "mvtec",
+            "--root",
+            str(tmp_path),
+            "--category",
+            "x",
+        ],
+        capsys,
+    )
     assert "norun" in err or str(tmp_path) in err
-    err = _error(["-q", "predict", "--run", str(tmp_path / "norun"), str(tmp_path / "a.png")],
-                 capsys)
+    err = _error(
+        ["-q", "predict", "--run", str(tmp_path / "norun"), str(tmp_path / "a.png")], capsys
+    )
     assert "a.png" in err or "norun" in err
 
 

@@ -44,7 +44,12 @@ def _strengthen_defects(root: Path) -> None:
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     make_demo_dataset(
-        root / "data", seed=3, categories=["brick"], n_train=8, n_test_good=4, n_defect=8,
+        root / "data",
+        seed=3,
+        categories=["brick"],
+        n_train=8,
+        n_test_good=4,
+        n_defect=8,
         size=SIZE,
     )
     _strengthen_defects(root / "data")
@@ -102,9 +107,22 @@ def test_cli_predict_in_a_new_process_gives_the_same_scores(trained, tmp_path):
     paths = [str(s.image) for s in splits.test[:3]]
     expected = {p.path: p.score for p in detector.predict(paths)}
     subprocess.run(
-        [sys.executable, "-m", "cpkp", "-q", "predict", "--run", str(root / "run"),
-         "--out", str(tmp_path), *paths],
-        check=True, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "cpkp",
+            "-q",
+            "predict",
+            "--run",
+            str(root / "run"),
+            "--out",
+            str(tmp_path),
+            *paths,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
     assert len(rows) == 3
@@ -116,8 +134,21 @@ def test_cli_predict_in_a_new_process_gives_the_same_scores(trained, tmp_path):
 
 def test_cli_test_command_prints_metrics(trained, capsys):
     root, _, _ = trained
-    code = main(["-q", "test", "--run", str(root / "run"), "--dataset", "mvtec",
-                 "--root", str(root / "data"), "--category", "brick", "--no-overlays"])
+    code = main(
+        [
+            "-q",
+            "test",
+            "--run",
+            str(root / "run"),
+            "--dataset",
+            "mvtec",
+            "--root",
+            str(root / "data"),
+            "--category",
+            "brick",
+            "--no-overlays",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "image_auroc" in out and "A_kd alone" in out

@@ -24,18 +24,41 @@ EPOCHS = 12
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    make_demo_dataset(root / "data", seed=1, categories=["gravel"], n_train=12, n_test_good=2,
-                      n_defect=4, size=64)
+    make_demo_dataset(
+        root / "data", seed=1, categories=["gravel"], n_train=12, n_test_good=2, n_defect=4, size=64
+    )
     return root
 
 
 def _train_cmd(data_root, out):
     return [
-        sys.executable, "-m", "cpkp", "-q", "train", "--dataset", "mvtec",
-        "--root", str(data_root / "data"), "--category", "gravel",
-        "--backbone", "random:tf_efficientnet_lite0", "--image-size", "64",
-        "--epochs", str(EPOCHS), "--batch-size", "4", "--checkpoint-every", "1",
-        "--lr-teacher", "1e-3", "--seed", "7", "--out", str(out),
+        sys.executable,
+        "-m",
+        "cpkp",
+        "-q",
+        "train",
+        "--dataset",
+        "mvtec",
+        "--root",
+        str(data_root / "data"),
+        "--category",
+        "gravel",
+        "--backbone",
+        "random:tf_efficientnet_lite0",
+        "--image-size",
+        "64",
+        "--epochs",
+        str(EPOCHS),
+        "--batch-size",
+        "4",
+        "--checkpoint-every",
+        "1",
+        "--lr-teacher",
+        "1e-3",
+        "--seed",
+        "7",
+        "--out",
+        str(out),
     ]
 
 
@@ -45,8 +68,9 @@ def test_killed_run_resumes_to_bit_identical_weights(data):
 
     killed = data / "killed"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(_train_cmd(data, killed), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _train_cmd(data, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while not (killed / CHECKPOINT_FILE).exists() and time.time() < deadline:
         time.sleep(0.01)
@@ -59,7 +83,9 @@ def test_killed_run_resumes_to_bit_identical_weights(data):
 
     subprocess.run(
         [sys.executable, "-m", "cpkp", "-q", "train", "--resume", str(killed)],
-        check=True, capture_output=True, timeout=600,
+        check=True,
+        capture_output=True,
+        timeout=600,
     )
     a = runio.load_tensors(straight / runio.WEIGHTS_FILE)
     b = runio.load_tensors(killed / runio.WEIGHTS_FILE)

@@ -36,7 +36,7 @@ from cpkp.data.dataset import ImageDataset, validate_images
 from cpkp.data.records import Sample
 from cpkp.errors import CheckpointError, ConfigError, DatasetError
 from cpkp.models import create_student
-from cpkp.prototype import Prototype, build_prototype, nearest_prototype, patch_vectors, f_agg
+from cpkp.prototype import Prototype, build_prototype, f_agg, nearest_prototype, patch_vectors
 from cpkp.scoring import (
     Calibration,
     fuse,

@@ -96,8 +96,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--seed", type=int, help="random seed")
     g.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 mixed precision for the networks on CUDA")
+    g.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 mixed precision for the networks on CUDA",
+    )
     g.add_argument("--checkpoint-every", type=int, help="epochs between checkpoints")
     g.add_argument(
         "--set",
@@ -214,8 +218,15 @@ def _resume(args: argparse.Namespace) -> int:
     if args.test:
         source = runio.read_json(run / SOURCE_FILE)
         for key, value in source.items():
-            setattr(args, key, None if value is None else Path(value) if key != "dataset"
-                    and key != "category" else value)
+            setattr(
+                args,
+                key,
+                None
+                if value is None
+                else Path(value)
+                if key != "dataset" and key != "category"
+                else value,
+            )
         splits = read_split(args)
         return _test_run(run, splits.test, overlays=not args.no_overlays, quiet=args.quiet)
     return 0
@@ -278,7 +289,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from cpkp import runio
     from cpkp.api import Detector
     from cpkp.data.images import load_image
-    from cpkp.report import colorize, blend
+    from cpkp.report import blend, colorize
 
     paths = _expand_inputs(args.paths)
     if not paths:
@@ -302,11 +313,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
             hi = max(detector.calibration.pixel_threshold * 1.5, float(pred.map.max()))
             lo = float(np.percentile(pred.map, 1))
             heat = blend(image, colorize(pred.map, lo, hi))
-            runio.atomic_write(out / f"{stem}_heatmap.png",
-                               lambda t, a=heat: Image.fromarray(a).save(t, "PNG"))
+            runio.atomic_write(
+                out / f"{stem}_heatmap.png", lambda t, a=heat: Image.fromarray(a).save(t, "PNG")
+            )
             mask = (pred.mask * 255).astype(np.uint8)
-            runio.atomic_write(out / f"{stem}_mask.png",
-                               lambda t, a=mask: Image.fromarray(a).save(t, "PNG"))
+            runio.atomic_write(
+                out / f"{stem}_mask.png", lambda t, a=mask: Image.fromarray(a).save(t, "PNG")
+            )
             rows.append([pred.path, f"{pred.score:.6g}", int(pred.is_anomalous)])
             print(f"{pred.path}\t{pred.score:.4f}\t{'ANOMALOUS' if pred.is_anomalous else 'ok'}")
     buffer = io.StringIO()
@@ -416,30 +429,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-overlays", action="store_true", help="with --test: skip overlay PNGs")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("test", help="metrics of a trained run on its test split",
-                       formatter_class=fmt)
+    p = sub.add_parser(
+        "test", help="metrics of a trained run on its test split", formatter_class=fmt
+    )
     p.add_argument("--run", required=True, help="run folder written by `cpkp train`")
     _add_data_args(p, required=False)
     p.add_argument("--no-overlays", action="store_true", help="skip the overlay PNGs")
     p.set_defaults(func=cmd_test)
 
-    p = sub.add_parser("predict", help="score images or folders with a trained run",
-                       formatter_class=fmt)
+    p = sub.add_parser(
+        "predict", help="score images or folders with a trained run", formatter_class=fmt
+    )
     p.add_argument("--run", required=True, help="run folder written by `cpkp train`")
     p.add_argument("paths", nargs="+", help="image files or folders")
     p.add_argument("--out", default="predictions", help="folder for heat maps, masks and CSV")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("demo", help="build the demo data, train and test CPKP(RD) on it",
-                       formatter_class=fmt)
+    p = sub.add_parser(
+        "demo", help="build the demo data, train and test CPKP(RD) on it", formatter_class=fmt
+    )
     p.add_argument("--out", default="demo-run", help="folder for the data, runs and table")
     p.add_argument("--categories", help="comma-separated demo categories (default: all)")
     p.add_argument("--epochs", type=int, help="override the preset's epochs")
     p.add_argument("--seed", type=int, default=0, help="seed of data and training")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("demo-data", help="write the demo dataset (MVTec AD layout)",
-                       formatter_class=fmt)
+    p = sub.add_parser(
+        "demo-data", help="write the demo dataset (MVTec AD layout)", formatter_class=fmt
+    )
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--categories", help="comma-separated categories (default: all)")
@@ -449,8 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256, help="image side in pixels")
     p.set_defaults(func=cmd_demo_data)
 
-    p = sub.add_parser("info", help="presets, backbones and students with their cost",
-                       formatter_class=fmt)
+    p = sub.add_parser(
+        "info", help="presets, backbones and students with their cost", formatter_class=fmt
+    )
     p.add_argument("--image-size", type=int, default=256, help="input size for GFLOPs")
     p.set_defaults(func=cmd_info)
     return parser

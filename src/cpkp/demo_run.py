@@ -39,10 +39,12 @@ def run_demo(
     for category in categories:
         start = time.perf_counter()
         splits = read_mvtec(out / "data", category)
-        cpkp_metrics = _train_and_test(out / "runs" / category / "cpkp-rd", splits, {}, epochs,
-                                       seed, progress)
-        base_metrics = _train_and_test(out / "runs" / category / "rd@cpkp", splits, BASELINE,
-                                       epochs, seed, progress)
+        cpkp_metrics = _train_and_test(
+            out / "runs" / category / "cpkp-rd", splits, {}, epochs, seed, progress
+        )
+        base_metrics = _train_and_test(
+            out / "runs" / category / "rd@cpkp", splits, BASELINE, epochs, seed, progress
+        )
         rows.append(_row(category, cpkp_metrics, base_metrics, time.perf_counter() - start))
     table = format_demo_table(rows)
     runio.write_text(out / "results.md", table + "\n")
@@ -50,8 +52,9 @@ def run_demo(
     return table
 
 
-def _train_and_test(run_dir: Path, splits, overrides: dict, epochs: int | None, seed: int,
-                    progress: bool) -> dict[str, Any]:
+def _train_and_test(
+    run_dir: Path, splits, overrides: dict, epochs: int | None, seed: int, progress: bool
+) -> dict[str, Any]:
     config = load_preset(PRESET)
     apply_overrides(config, overrides)
     config.train.seed = seed
@@ -59,8 +62,9 @@ def _train_and_test(run_dir: Path, splits, overrides: dict, epochs: int | None, 
         config.train.epochs = epochs
     detector = Detector(config)
     detector.fit(splits.train, run_dir=run_dir, progress=progress)
-    return run_test(detector, splits.test, out_dir=run_dir, overlays=True,
-                    progress=progress).metrics
+    return run_test(
+        detector, splits.test, out_dir=run_dir, overlays=True, progress=progress
+    ).metrics
 
 
 def _row(category: str, cpkp_m: dict, base_m: dict, seconds: float) -> dict[str, Any]:
