@@ -48,14 +48,16 @@ def test_kp_map_matches_cdist_and_respects_exclusion():
     feats = [torch.randn(2, 4, 8, 8), torch.randn(2, 4, 4, 4), torch.randn(2, 4, 2, 2)]
     queries = patch_vectors(f_agg(feats, cfg))
     prototypes = queries[::5].clone()
-    m = kp_map(feats, prototypes, cfg, (4, 4))
-    expected = torch.cdist(queries, prototypes).min(1).values.view(2, 1, 4, 4)
+    m, index = kp_map(feats, prototypes, cfg, (4, 4))
+    nearest = torch.cdist(queries, prototypes).min(1)
+    expected = nearest.values.view(2, 1, 4, 4)
+    assert torch.equal(index.flatten(), nearest.indices)
     # distances near 0 carry the matrix-product form's rounding, amplified by the sqrt
     assert torch.allclose(m, expected, atol=5e-3)
 
     exclude = torch.zeros(len(prototypes), dtype=torch.bool)
     exclude[0] = True
-    m_ex = kp_map(feats, prototypes, cfg, (4, 4), exclude=[exclude, None])
+    m_ex, _ = kp_map(feats, prototypes, cfg, (4, 4), exclude=[exclude, None])
     expected_ex = torch.cdist(queries[:16], prototypes[1:]).min(1).values.view(1, 1, 4, 4)
     assert torch.allclose(m_ex[:1], expected_ex, atol=5e-3)
     assert torch.allclose(m_ex[1:], m[1:])

@@ -36,7 +36,7 @@ from cpkp.data.dataset import ImageDataset, validate_images
 from cpkp.data.records import Sample
 from cpkp.errors import CheckpointError, ConfigError, DatasetError
 from cpkp.models import create_student
-from cpkp.prototype import Prototype, build_prototype, f_agg, nearest_prototype, patch_vectors
+from cpkp.prototype import Prototype, build_prototype
 from cpkp.scoring import (
     Calibration,
     fuse,
@@ -528,15 +528,7 @@ class Detector:
             owner = self.prototype.provenance[:, 0].to(self.device)
             exclude = [owner == int(i) for i in indices]
             exclude = [None if bool(m.all()) else m for m in exclude]
-        kp = kp_map(teacher_feats, vectors, self.config.prototype, size, exclude)
-        index = None
-        if not exclude_own:
-            agg = f_agg(teacher_feats, self.config.prototype)
-            b, _, h, w = agg.shape
-            _, idx = nearest_prototype(
-                patch_vectors(agg), vectors, self.config.prototype.chunk_size
-            )
-            index = idx.view(b, h, w)
+        kp, index = kp_map(teacher_feats, vectors, self.config.prototype, size, exclude)
         return kd, kp, index
 
     def _fuse_smooth(self, kd: Tensor | None, kp: Tensor | None) -> Tensor:

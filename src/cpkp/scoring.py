@@ -58,7 +58,7 @@ def kp_map(
     cfg: PrototypeConfig,
     size: tuple[int, int],
     exclude: Sequence[Tensor | None] | None = None,
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     """``A_kp``: nearest-prototype distance of each patch, upsampled to ``size``.
 
     Args:
@@ -70,17 +70,19 @@ def kp_map(
             image's own prototypes, for calibration).
 
     Returns:
-        [B, 1, H, W] float32.
+        The map [B, 1, H, W] float32 and the index of each patch's nearest prototype
+        [B, h, w] on the prototype grid (which normal patch it was matched to).
     """
     agg = f_agg([f.float() for f in teacher_feats], cfg)
     b, d, h, w = agg.shape
     queries = agg.permute(0, 2, 3, 1).reshape(b, h * w, d)
-    rows = []
+    dists, indices = [], []
     for i in range(b):
         mask = None if exclude is None else exclude[i]
-        dist, _ = nearest_prototype(queries[i], prototypes, cfg.chunk_size, exclude=mask)
-        rows.append(dist.view(1, 1, h, w))
-    return _upsample(torch.cat(rows), size)
+        dist, index = nearest_prototype(queries[i], prototypes, cfg.chunk_size, exclude=mask)
+        dists.append(dist.view(1, 1, h, w))
+        indices.append(index.view(1, h, w))
+    return _upsample(torch.cat(dists), size), torch.cat(indices)
 
 
 @dataclass
