@@ -156,9 +156,7 @@ class CoProgressionTrainer:
         with a graph so that ``L_kd`` also reaches the teacher through the bottleneck; the
         teacher's gradients are then taken with ``autograd.grad``, never ``.backward``.
         """
-        via_bottleneck = (
-            self.student.kind == "rd" and self.config.train.teacher_grad_via_bottleneck
-        )
+        via_bottleneck = self.student.kind == "rd" and self.config.train.teacher_grad_via_bottleneck
         with frozen_batchnorm_stats(self.student):
             if via_bottleneck:
                 return self.student(x, teacher_feats)
