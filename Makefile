@@ -26,6 +26,8 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/cpkp demo --out demo-run
 
 test: $(VENV)/.installed-dev
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
 	$(PY) -m pytest
 
 lint: $(VENV)/.installed-dev

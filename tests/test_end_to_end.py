@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -152,3 +153,27 @@ def test_cli_test_command_prints_metrics(trained, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "image_auroc" in out and "A_kd alone" in out
+
+
+def test_damaged_run_folders_give_one_clear_error(trained, tmp_path, capsys):
+    root, splits, _ = trained
+    image = str(splits.test[0].image)
+    for damage in ("truncate_weights", "drop_calibration", "old_format"):
+        run = tmp_path / damage
+        shutil.copytree(root / "run", run)
+        if damage == "truncate_weights":
+            data = (run / "model.safetensors").read_bytes()
+            (run / "model.safetensors").write_bytes(data[: len(data) // 2])
+        else:
+            meta = json.loads((run / "meta.json").read_text())
+            if damage == "drop_calibration":
+                del meta["calibration"]
+            else:
+                meta["format_version"] = 0
+            (run / "meta.json").write_text(json.dumps(meta))
+        code = main(["-q", "predict", "--run", str(run), "--out", str(tmp_path / "p"), image])
+        err = capsys.readouterr().err
+        assert code == 2, damage
+        assert err.startswith("cpkp: error: ") and str(run) in err, err
+        if damage == "old_format":
+            assert "version 0" in err and "version 1" in err

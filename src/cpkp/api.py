@@ -580,7 +580,13 @@ class Detector:
             config.train.device = device
         detector = cls(config)
         detector._restore_networks(runio.load_tensors(run_dir / runio.WEIGHTS_FILE), run_dir)
-        detector.calibration = Calibration.from_dict(meta["calibration"])
+        try:
+            detector.calibration = Calibration.from_dict(meta["calibration"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(
+                f"{run_dir / runio.META_FILE}: no valid 'calibration' entry ({err}); the run was "
+                "not finished or the file was edited: retrain or resume it"
+            ) from err
         detector.kp_scale = float(meta.get("kp_scale", 1.0))
         detector.train_images = list(meta.get("train_images", []))
         detector.history = list(meta.get("history", []))
