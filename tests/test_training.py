@@ -9,7 +9,12 @@ from torch import nn
 from cpkp.config import Config
 from cpkp.losses import kd_loss, kp_loss
 from cpkp.prototype import f_agg, kp_distance, patch_vectors
-from cpkp.training import CoProgressionTrainer, StepResult, frozen_batchnorm_stats
+from cpkp.training import (
+    CoProgressionTrainer,
+    StepResult,
+    frozen_batchnorm_stats,
+    recalibrate_batchnorm,
+)
 
 
 class TinyTeacher(nn.Module):
@@ -246,3 +251,18 @@ def test_teacher_step_on_kd_alone_without_prototype():
     result = trainer.train_step(x)
     assert result.kp is None and result.teacher == pytest.approx(result.kd_after)
     assert not _same(before, _params(teacher))
+
+
+def test_batchnorm_recalibration_gives_the_exact_statistics_of_the_final_weights():
+    teacher, student, config, x, prototypes = _setup(lr_student=0.05)
+    trainer = CoProgressionTrainer(teacher, student, prototypes, config)
+    for _ in range(3):
+        trainer.train_step(x)
+    batches = [x[:2], x[2:]]
+    recalibrate_batchnorm(student, teacher, batches)
+    bn = student.net.stem[1]
+    with torch.no_grad():
+        pre = torch.cat([student.net.stem[0](b) for b in batches])
+    expected = pre.mean((0, 2, 3))
+    assert torch.allclose(bn.running_mean, expected, atol=1e-5)
+    assert bn.momentum == 0.1 and not student.training

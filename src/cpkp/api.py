@@ -47,7 +47,12 @@ from cpkp.scoring import (
     resize_maps,
     robust_scale,
 )
-from cpkp.training import CoProgressionTrainer, EpochLog, check_finite
+from cpkp.training import (
+    CoProgressionTrainer,
+    EpochLog,
+    check_finite,
+    recalibrate_batchnorm,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -275,10 +280,17 @@ class Detector:
                     self._save_checkpoint(run_dir, trainer, generator, epoch + 1)
 
         if kept is not None:
-            # NOTE: the user chose an earlier epoch from normal images only; never by test labels.
+            # The user chose an earlier epoch from normal images only; never by test labels.
             self.teacher.load_state_dict(kept["teacher"])
             self.student.load_state_dict(kept["student"])
             logger.info("kept the weights of epoch %d", cfg.train.keep_epoch)
+        # NOTE: RD4AD tests with the running statistics as they stand after training; cpkp
+        # recomputes them once for the final weights (docs/deviations.md).
+        recalibrate_batchnorm(
+            self.student,
+            self.teacher,
+            (_channels_last(b["image"], self.device) for b in self._loader(dataset)),
+        )
         self.calibrate(dataset, progress=progress)
         self.history.append(
             {"event": "fit", "time": _now(), "images": len(dataset), "epochs": cfg.train.epochs}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -185,6 +185,38 @@ class CoProgressionTrainer:
 
     def _kd(self, teacher_feats: list[Tensor], student_feats: list[Tensor]) -> Tensor:
         return kd_loss(teacher_feats, student_feats, self.config.train.kd_loss)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    student: nn.Module, teacher: nn.Module, batches: Iterable[Tensor]
+) -> None:
+    """Set the student's BatchNorm running statistics to their exact values on ``batches``.
+
+    The running averages trail the weights during training (momentum 0.1); after a short or
+    fast run they describe an older network, and the student in eval mode then disagrees with
+    the teacher everywhere. One pass with a cumulative average over the normal training images
+    gives the statistics of the final weights. Only the statistics change.
+
+    Args:
+        student: the student, ``student(x, teacher_feats)``.
+        teacher: the teacher (eval mode), whose maps feed an RD student.
+        batches: images [B, 3, H, W] in [0, 1].
+    """
+    norms = [m for m in student.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch weighs the same
+    student.train()
+    teacher.eval()
+    for x in batches:
+        student(x, teacher(x))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    student.eval()
 
 
 def check_finite(result: StepResult, epoch: int, batch: int) -> None:
