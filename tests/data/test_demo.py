@@ -1,4 +1,6 @@
-"""The demo dataset: layout, determinism, and masks that are exactly where the image changed."""
+"""The demo dataset: layout, determinism, masks that are exactly where the image changed, and
+defects that change the surface's structure (flat fills, uniform lines, flattened stains, opaque
+material), not only its brightness."""
 
 import json
 import math
@@ -7,12 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from cpkp.data import demo
 from cpkp.data.demo import (
     DEFECT_KINDS,
     DEFECT_SPECS,
     DEMO_CATEGORIES,
+    DONOR_MIN_OFFSET,
     MASK_FRACTION,
     MIN_RANGE,
     PHOTOS,
@@ -102,13 +106,17 @@ def test_summary_and_marker_count_the_files(written: dict[str, Path], tmp_path: 
     marker = json.loads((tmp_path / "d" / "demo.json").read_text())
     assert marker["complete"] and marker["categories"] == summary["categories"]
 
-    records = json.loads((written["a"] / "defects.json").read_text())
+    records = json.loads((written["a"] / "defects.json").read_text(), parse_constant=_no_nan)
     assert len(records) == 9 * len(DEMO_CATEGORIES)
     for record in records:
         mask = _read(
             written["a"] / (record["file"].replace("/test/", "/ground_truth/")[:-4] + "_mask.png")
         )
         assert (mask > 0).mean() == pytest.approx(record["area_fraction"]), record["file"]
+
+
+def _no_nan(name: str) -> None:
+    raise AssertionError(f"defects.json holds {name}, which is not JSON")
 
 
 def test_a_category_does_not_depend_on_the_others(written: dict[str, Path], tmp_path: Path) -> None:
@@ -177,13 +185,21 @@ def test_schedule_spreads_area_and_contrast_evenly(kind: str) -> None:
     footprints = [round(r["footprint_fraction"] * 128**2) for r in records]
     assert all(p <= f <= p + 2 for p, f in zip(pixels, footprints))
     contrasts = sorted(r["contrast"] for r in records)
-    np.testing.assert_allclose(contrasts, np.linspace(*spec.contrast, 5))
+    if spec.contrast is None:  # foreign: the donor sets the change, at least DONOR_MIN_OFFSET
+        assert min(contrasts) >= DONOR_MIN_OFFSET - 0.05
+        assert all(r["opacity"] == 1.0 for r in records)
+    else:
+        np.testing.assert_allclose(contrasts, np.linspace(*spec.contrast, 5))
 
 
 @pytest.mark.parametrize("kind", ["scratch", "hole", "stain"])
 @pytest.mark.parametrize("channels", [1, 3])
-def test_additive_defect_on_a_flat_image_has_the_stated_contrast(kind: str, channels: int) -> None:
-    """On flat grey the local range is the floor, nothing clips and the mask is the footprint."""
+def test_defect_on_a_flat_image_has_the_stated_contrast(kind: str, channels: int) -> None:
+    """On flat grey the local range is the floor, nothing clips and the mask is the footprint.
+
+    The stain's blurred copy of a flat image is the image itself, so every kind moves the
+    surface by exactly ``contrast * R`` where the defect is complete.
+    """
     shape = (128, 128) if channels == 1 else (128, 128, 3)
     clean = np.full(shape, 120, dtype=np.uint8)
     image, mask, record = synthesize_defect(clean, kind, 0.01, 0.25, np.random.default_rng(5))
@@ -208,9 +224,98 @@ def test_hole_darkens_and_foreign_copies_the_donor() -> None:
     pasted, mask, record = synthesize_defect(
         clean, "foreign", 0.02, 2.0, np.random.default_rng(0), donor
     )
-    assert record["opacity"] == 1.0
+    assert record["opacity"] == 1.0 and not record["inverted"] and record["shift"] == 0.0
     assert (pasted[mask] < 120).all()
     assert pasted[mask].min() == 20  # the core takes the donor's values exactly
+    assert record["level_offset"] == -100.0 and record["contrast"] == 100.0 / MIN_RANGE
+
+
+def _noise(low: int, high: int, size: int = 128) -> np.ndarray:
+    """A high-variance texture: uniform noise in [low, high), [size, size] uint8."""
+    return np.random.default_rng(1).integers(low, high, (size, size)).astype(np.uint8)
+
+
+def _residual_ratio(sample: tuple, clean: np.ndarray, target: float | np.ndarray) -> float:
+    """Median distance from ``target`` over the mask, after the defect over before it.
+
+    With ``new = (1 - w) * clean + w * target`` this is about ``1 - w`` at the mask's median
+    pixel: how much of the clean surface still shows through.
+    """
+    image, mask, _ = sample
+    target = np.broadcast_to(target, clean.shape)[mask]
+    after = np.abs(image[mask].astype(float) - target)
+    before = np.abs(clean[mask].astype(float) - target)
+    return float(np.median(after) / np.median(before))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_hole_replaces_the_texture_by_a_flat_dark_fill(seed: int) -> None:
+    clean = _noise(60, 200)
+    sample = synthesize_defect(clean, "hole", 0.02, 0.7, np.random.default_rng(seed))
+    record = sample[2]
+    assert record["fill"] == pytest.approx(record["local_median"] - 0.7 * record["local_range"])
+    assert _residual_ratio(sample, clean, record["fill"]) < 0.2  # half of it is >= 80% fill
+    assert sample[0][sample[1]].mean() < np.percentile(clean, 5)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_scratch_is_a_uniform_line(seed: int) -> None:
+    clean = _noise(60, 200)
+    sample = synthesize_defect(clean, "scratch", 0.005, 0.7, np.random.default_rng(seed))
+    record = sample[2]
+    level = record["local_median"] + record["polarity"] * 0.7 * record["local_range"]
+    assert record["level"] == pytest.approx(level)
+    assert _residual_ratio(sample, clean, record["level"]) < 0.25
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_stain_flattens_and_tints_the_texture(seed: int) -> None:
+    clean = _noise(60, 200)
+    image, mask, record = synthesize_defect(clean, "stain", 0.03, 0.7, np.random.default_rng(seed))
+    depth = ndimage.distance_transform_edt(mask)
+    inner = depth >= 0.5 * depth.max()  # where the stain is strongest
+    pairs = inner[:, 1:] & inner[:, :-1]
+
+    def roughness(a: np.ndarray) -> float:
+        return float(np.abs(np.diff(a.astype(float), axis=1))[pairs].mean())
+
+    assert roughness(image) < 0.5 * roughness(clean)
+    shift = (image[mask].astype(float) - clean[mask]).mean()
+    assert np.sign(shift) == record["polarity"]
+    assert abs(shift) > 0.25 * record["amplitude"]
+    assert record["flatten"] == demo.STAIN_FLATTEN
+
+
+def test_foreign_material_is_inverted_or_shifted_when_it_matches_the_surface() -> None:
+    dark = _noise(30, 90)
+    sample = synthesize_defect(
+        dark, "foreign", 0.02, float("nan"), np.random.default_rng(0), donor=dark
+    )
+    image, mask, record = sample
+    assert record["inverted"] and record["shift"] == 0.0
+    assert record["level_offset"] > DONOR_MIN_OFFSET * record["local_range"]
+    assert (image[mask] > dark[mask]).all()
+    assert _residual_ratio(sample, dark, 255 - dark.astype(float)) < 0.2  # as a hole: opaque
+
+    grey = _noise(96, 160)  # its inverse has the same level: shift it instead
+    image, mask, record = synthesize_defect(
+        grey, "foreign", 0.02, float("nan"), np.random.default_rng(0), donor=grey
+    )
+    assert record["shift"] != 0.0
+    least = DONOR_MIN_OFFSET * record["local_range"]
+    assert abs(record["level_offset"]) == pytest.approx(least, abs=0.5)
+    assert record["contrast"] == pytest.approx(abs(record["level_offset"]) / record["local_range"])
+
+
+@pytest.mark.parametrize("kind", ["hole", "scratch"])
+def test_on_grass_holes_and_scratches_leave_the_range_of_the_texture(kind: str) -> None:
+    """v1's additive defects hid inside grass; v2's fill and line levels lie outside it."""
+    for i in range(3):
+        sample = defect_image("grass", kind, i, 3, seed=0, size=128)
+        window = demo._local_window(sample.mask)
+        low, high = np.percentile(sample.clean[window], [2, 98])
+        target = sample.record["fill" if kind == "hole" else "level"]
+        assert target <= low or target >= high, (i, target, low, high)
 
 
 def test_bands_are_disjoint_and_cover_the_photo() -> None:

@@ -3,8 +3,11 @@
 Each category is one photograph of a fairly stationary surface. Normal images are crops (with
 flips and 90-degree rotations) from one band of the photo; test images come from a band held
 apart. Defects are synthesised on test crops with exact masks, and their sizes and contrasts
-follow fixed schedules (:data:`DEFECT_SPECS`), so the demo is equally hard for every run and is
-never tuned after results are seen. ``docs/demo-data.md`` states every parameter.
+follow fixed schedules (:data:`DEFECT_SPECS`), so the demo is equally hard for every run. Every
+defect changes the surface's structure, not only its brightness (a hole is a flat dark fill, a
+scratch a uniform line, a stain a flattened and tinted patch, a foreign body opaque material), so
+that a person sees it even on a texture that spans its whole intensity range.
+``docs/demo-data.md`` states every parameter.
 
 Layout written under ``out``::
 
@@ -32,6 +35,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from cpkp.errors import ConfigError, DatasetError
@@ -42,7 +46,7 @@ DEMO_CATEGORIES = ("brick", "grass", "gravel", "tissue")
 DEFECT_KINDS = ("scratch", "hole", "stain", "foreign")
 
 GENERATOR = "cpkp.data.demo"
-GENERATOR_VERSION = 1  # bump when the images change for the same parameters
+GENERATOR_VERSION = 2  # bump when the images change for the same parameters
 MARKER_FILE = "demo.json"
 DEFECTS_FILE = "defects.json"
 
@@ -50,6 +54,10 @@ CROP_FRACTION = 3 / 8  # crop side, as a fraction of the photo's shorter side
 MASK_FRACTION = 0.1  # a pixel is in the footprint where the defect weight is >= 10% of its peak
 MIN_RANGE = 64.0  # floor on the local intensity range, in 8-bit levels
 MIN_DEFECT_PIXELS = 4  # floor on the footprint of the smallest defects at small sizes
+STAIN_FLATTEN = 0.9  # share of the way a stain moves the texture towards its blurred copy
+STAIN_BLUR = 0.25  # blur sigma of a stain, as a fraction of its footprint's diameter
+DONOR_MIN_OFFSET = 0.5  # least distance of a foreign body's level from the surface's, of R
+LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601 weights, as Pillow's "L" conversion
 
 
 @dataclass(frozen=True)
@@ -76,20 +84,21 @@ class DefectSpec:
 
     Areas are fractions of the image area, spread geometrically from the first to the second
     value over the images of the kind; contrasts are fractions of the local intensity range,
-    spread linearly and paired with the areas in a seeded order.
+    spread linearly and paired with the areas in a seeded order. A kind without a contrast
+    ("foreign") replaces the surface opaquely, so its change is set by the donor material.
     """
 
     area: tuple[float, float]
-    contrast: tuple[float, float]
+    contrast: tuple[float, float] | None
     power: float  # weight profile: MASK_FRACTION ** (level ** power); larger is a harder edge
     irregularity: float  # total amplitude of the outline's harmonics (0 is an ellipse)
 
 
 DEFECT_SPECS = {
-    "scratch": DefectSpec(area=(0.001, 0.01), contrast=(0.10, 0.50), power=2.0, irregularity=0.0),
-    "hole": DefectSpec(area=(0.002, 0.025), contrast=(0.10, 0.50), power=3.0, irregularity=0.15),
-    "stain": DefectSpec(area=(0.005, 0.05), contrast=(0.10, 0.50), power=2.0, irregularity=0.3),
-    "foreign": DefectSpec(area=(0.003, 0.04), contrast=(0.10, 0.30), power=8.0, irregularity=0.45),
+    "scratch": DefectSpec(area=(0.001, 0.01), contrast=(0.7, 1.0), power=4.0, irregularity=0.0),
+    "hole": DefectSpec(area=(0.002, 0.025), contrast=(0.7, 1.0), power=8.0, irregularity=0.15),
+    "stain": DefectSpec(area=(0.005, 0.05), contrast=(0.7, 1.0), power=2.0, irregularity=0.3),
+    "foreign": DefectSpec(area=(0.003, 0.04), contrast=None, power=8.0, irregularity=0.45),
 }
 
 
@@ -168,8 +177,14 @@ def load_photo(photo: Photo) -> np.ndarray:
             f"{photo.package}/{photo.file}: photo not found in the installed package; "
             f"reinstall {photo.package} (the demo never downloads images)"
         )
-    with resources.as_file(path) as local, Image.open(local) as image:
-        return np.asarray(image.convert(photo.mode))
+    try:
+        with resources.as_file(path) as local, Image.open(local) as image:
+            return np.asarray(image.convert(photo.mode))
+    except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError... on bad files
+        raise DatasetError(
+            f"{photo.package}/{photo.file}: the bundled photo cannot be decoded "
+            f"({type(err).__name__}: {err}); reinstall {photo.package}"
+        ) from err
 
 
 @dataclass(frozen=True)
@@ -232,7 +247,7 @@ def defect_image(
 
     rng = np.random.default_rng([seed, _code(category), 2 + k, index])
     clean = _random_crop(test_band, side, size, rng)
-    donor_crop = _random_crop(donor, _crop_side(donor), size, rng)
+    donor_crop = _random_crop(donor, min(donor.shape[:2]), size, rng)
     image, mask, record = synthesize_defect(
         clean, kind, areas[index], contrasts[index], rng, donor_crop
     )
@@ -249,18 +264,21 @@ def synthesize_defect(
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Put one defect of a given kind, area and contrast on a clean image.
 
-    The footprint is where the defect's weight reaches :data:`MASK_FRACTION` of its peak; the
-    weight is zero outside it, so pixels outside the mask keep their clean values exactly. The
-    mask is the footprint less the pixels whose 8-bit value did not change (clipped at 0 or 255,
-    or, for "foreign", where the donor happens to match).
+    Each kind has a target, what the surface becomes where the defect is complete (a flat dark
+    fill, a uniform line level, a flattened and tinted copy, the donor material), and the image
+    is the blend ``(1 - w) * clean + w * target`` with the defect's weight ``w``. The footprint
+    is where ``w`` reaches :data:`MASK_FRACTION` of its peak; ``w`` is zero outside it, so pixels
+    outside the mask keep their clean values exactly. The mask is the footprint less the pixels
+    whose 8-bit value did not change (where the target happens to match the surface).
 
     Args:
         clean: uint8 image, [S, S] or [S, S, 3].
         kind: One of :data:`DEFECT_KINDS`.
         area: Footprint area as a fraction of the image area.
-        contrast: Peak change as a fraction of the local intensity range (for "foreign", the
-            mean change in the defect's core; full opacity caps it).
-        rng: Source of the shape, position, polarity and donor choice.
+        contrast: How far the target lies from the local median, as a fraction of the local
+            intensity range; ignored for "foreign", whose donor replaces the surface opaquely
+            (its record holds the contrast it achieved).
+        rng: Source of the shape, position, polarity and colour.
         donor: uint8 image shaped like ``clean``; required for "foreign".
 
     Returns:
@@ -279,9 +297,15 @@ def synthesize_defect(
     footprint = level <= 1.0
     weight = np.where(footprint, MASK_FRACTION ** (np.minimum(level, 1.0) ** spec.power), 0.0)
 
-    local_range = _local_range(clean, footprint)
-    amplitude = contrast * local_range
-    change, extra = _defect_change(kind, clean, weight, footprint, amplitude, rng, donor)
+    local_range, median, luminance = _local_surface(clean, footprint)
+    if kind == "foreign":
+        target, extra = _foreign_target(clean, weight, luminance, local_range, donor)
+        contrast = abs(extra["level_offset"]) / local_range
+    else:
+        amplitude = contrast * local_range
+        target, extra = _defect_target(kind, clean, pixels, median, luminance, amplitude, rng)
+
+    change = (weight if clean.ndim == 2 else weight[..., None]) * (target - clean)
     image, mask = _apply_change(clean, change, footprint)
 
     record = {
@@ -290,7 +314,8 @@ def synthesize_defect(
         "area_fraction": float(mask.mean()),
         "contrast": float(contrast),
         "local_range": float(local_range),
-        "amplitude": float(amplitude),
+        "local_median": _rounded(median),
+        "amplitude": float(contrast * local_range),
         **extra,
     }
     return image, mask, record
@@ -501,7 +526,7 @@ def _luminance(image: np.ndarray) -> np.ndarray:
     """ITU-R 601 luma, as Pillow's "L" conversion: [S, S] float."""
     if image.ndim == 2:
         return image.astype(np.float64)
-    return image.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    return image.astype(np.float64) @ LUMA
 
 
 def _defects_per_kind(n_defect: int) -> dict[str, int]:
@@ -511,15 +536,22 @@ def _defects_per_kind(n_defect: int) -> dict[str, int]:
 
 
 def _schedule(kind: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Areas (geometric, ascending) and contrasts (linear, seeded order) of a kind's images."""
+    """Areas (geometric, ascending) and contrasts (linear, seeded order) of a kind's images.
+
+    A kind without a contrast ("foreign") gets NaN contrasts, which :func:`synthesize_defect`
+    ignores for it.
+    """
     spec = DEFECT_SPECS[kind]
     if n == 1:
-        return np.array([math.sqrt(spec.area[0] * spec.area[1])]), np.array(
-            [sum(spec.contrast) / 2]
-        )
-    areas = np.geomspace(spec.area[0], spec.area[1], n)
-    contrasts = rng.permutation(np.linspace(spec.contrast[0], spec.contrast[1], n))
-    return areas, contrasts
+        areas = np.array([math.sqrt(spec.area[0] * spec.area[1])])
+    else:
+        areas = np.geomspace(spec.area[0], spec.area[1], n)
+
+    if spec.contrast is None:
+        return areas, np.full(n, np.nan)
+    if n == 1:
+        return areas, np.array([sum(spec.contrast) / 2])
+    return areas, rng.permutation(np.linspace(spec.contrast[0], spec.contrast[1], n))
 
 
 def _blob_level(
@@ -589,62 +621,170 @@ def _arc_inside(size: int, length: float, rng: np.random.Generator) -> np.ndarra
     return np.stack([np.full_like(steps, size / 2), size / 2 - length / 2 + steps], axis=1)
 
 
-def _local_range(clean: np.ndarray, footprint: np.ndarray) -> float:
-    """Luminance range (1st to 99th percentile) around the footprint, floored at MIN_RANGE.
-
-    The window is the footprint's bounding box grown by half its larger side on every side.
-    """
+def _local_window(footprint: np.ndarray) -> tuple[slice, slice]:
+    """The footprint's bounding box grown by half its larger side on every side."""
     rows, cols = np.nonzero(footprint)
     grow = max(int(np.ptp(rows)), int(np.ptp(cols)), 8) // 2 + 1
-    window = (
+    return (
         slice(max(rows.min() - grow, 0), rows.max() + grow + 1),
         slice(max(cols.min() - grow, 0), cols.max() + grow + 1),
     )
-    low, high = np.percentile(_luminance(clean[window]), [1, 99])
-    return max(float(high - low), MIN_RANGE)
 
 
-def _defect_change(
+def _local_surface(clean: np.ndarray, footprint: np.ndarray) -> tuple[float, np.ndarray, float]:
+    """The surface around a defect: its range ``R``, its median value and that median's luminance.
+
+    ``R`` is the luminance spread from the 1st to the 99th percentile, floored at MIN_RANGE.
+
+    Returns:
+        ``R``, the median ([] grey or [3] colour, per channel) and its luminance.
+    """
+    surface = clean[_local_window(footprint)]
+    low, high = np.percentile(_luminance(surface), [1, 99])
+    median = np.median(surface.reshape(-1, *clean.shape[2:]), axis=0)
+    luminance = float(median if clean.ndim == 2 else median @ LUMA)
+    return max(float(high - low), MIN_RANGE), median, luminance
+
+
+def _defect_target(
     kind: str,
     clean: np.ndarray,
-    weight: np.ndarray,
-    footprint: np.ndarray,
+    pixels: int,
+    median: np.ndarray,
+    luminance: float,
     amplitude: float,
     rng: np.random.Generator,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """What a scratch, hole or stain turns the surface into at full weight.
+
+    Args:
+        clean: uint8 image, [S, S] or [S, S, 3].
+        pixels: Footprint size in pixels (sets the stain's blur).
+        median: The local surface's median value: [] grey or [3] colour.
+        luminance: The luminance of ``median``.
+        amplitude: Distance of the target from the median, in luminance levels.
+
+    Returns:
+        The target, float and shaped like ``clean``, and the kind's record fields.
+    """
+    if kind == "hole":
+        fill = np.clip(median - amplitude, 0.0, 255.0)
+        return _uniform(fill, clean.shape), {"fill": _rounded(fill)}
+
+    if kind == "scratch":
+        polarity = _polarity(luminance, amplitude, rng)
+        level = np.clip(median + polarity * amplitude, 0.0, 255.0)
+        return _uniform(level, clean.shape), {"polarity": polarity, "level": _rounded(level)}
+
+    sigma = STAIN_BLUR * 2.0 * math.sqrt(pixels / math.pi)
+    flattened = clean + STAIN_FLATTEN * (_blurred(clean, sigma) - clean)
+    tint, extra = _stain_tint(clean, luminance, amplitude, rng)
+    return flattened + tint, {**extra, "flatten": STAIN_FLATTEN, "blur_sigma": round(sigma, 3)}
+
+
+def _stain_tint(
+    clean: np.ndarray, luminance: float, amplitude: float, rng: np.random.Generator
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """A stain's tint: ``±amplitude`` on grey, ``amplitude * u`` on colour.
+
+    ``u`` is a random colour direction whose largest component is ±1.
+
+    Returns:
+        The tint, [] or [3] float, and its record fields (``polarity`` or ``colour``).
+    """
+    if clean.ndim == 2:
+        polarity = _polarity(luminance, amplitude, rng)
+        return np.array(float(polarity * amplitude)), {"polarity": polarity}
+    colour = rng.uniform(-1.0, 1.0, clean.shape[2])
+    colour /= np.abs(colour).max()
+    return amplitude * colour, {"colour": _rounded(colour)}
+
+
+def _foreign_target(
+    clean: np.ndarray,
+    weight: np.ndarray,
+    median: float,
+    local_range: float,
     donor: np.ndarray | None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """The change each kind adds to the clean image: float, shaped like ``clean``."""
-    channels = 1 if clean.ndim == 2 else clean.shape[2]
-    w = weight if clean.ndim == 2 else weight[..., None]
-    if kind == "hole":
-        return -amplitude * w, {"polarity": -1}
-    if kind == "scratch" or (kind == "stain" and channels == 1):
-        polarity = _polarity(clean, footprint, amplitude, rng)
-        return polarity * amplitude * w, {"polarity": polarity}
-    if kind == "stain":
-        colour = rng.uniform(-1.0, 1.0, channels)
-        colour /= np.abs(colour).max()
-        return amplitude * w * colour, {"colour": [round(float(c), 4) for c in colour]}
+    """The donor material, made to stand apart from the surface it covers.
+
+    The material's level is the mean luminance of its core (``w >= 0.5``). When that lies
+    within ``DONOR_MIN_OFFSET * R`` of the surface's median, the donor is inverted (255 - donor)
+    if that moves it further away, and then, if still too close, shifted to exactly that offset.
+
+    Args:
+        clean: uint8 image, [S, S] or [S, S, 3].
+        weight: [S, S] defect weight.
+        median: The local surface's median luminance.
+        local_range: The surface's luminance range ``R``.
+        donor: uint8 image shaped like ``clean``.
+
+    Returns:
+        The target, float and shaped like ``clean``, and the record fields ``opacity`` (1),
+        ``inverted``, ``shift``, ``level_offset`` (material level minus surface median) and
+        ``mean_core_change`` (mean absolute change over the core and channels).
+    """
     if donor is None:
         raise ValueError("a 'foreign' defect needs a donor image")
-    difference = donor.astype(np.float64) - clean
     core = weight >= 0.5
-    mean_difference = max(float(np.abs(difference[core]).mean()), 1e-6)
-    opacity = min(1.0, amplitude / mean_difference)
-    return opacity * w * difference, {
-        "opacity": opacity,
-        "mean_core_change": opacity * mean_difference,
+    least = DONOR_MIN_OFFSET * local_range
+    material = donor.astype(np.float64)
+    offset = float(_luminance(material)[core].mean()) - median
+
+    inverted = False
+    if abs(offset) < least:
+        inverse_offset = float(_luminance(255.0 - material)[core].mean()) - median
+        if abs(inverse_offset) > abs(offset):
+            material, offset, inverted = 255.0 - material, inverse_offset, True
+
+    shift = 0.0
+    if abs(offset) < least:
+        side = _side_with_room(1 if offset >= 0 else -1, median, least)
+        shift = side * least - offset
+        material = np.clip(material + shift, 0.0, 255.0)
+        offset = float(_luminance(material)[core].mean()) - median
+
+    return material, {
+        "opacity": 1.0,
+        "inverted": inverted,
+        "shift": round(shift, 3),
+        "level_offset": round(offset, 3),
+        "mean_core_change": float(np.abs(material - clean)[core].mean()),
     }
 
 
-def _polarity(
-    clean: np.ndarray, footprint: np.ndarray, amplitude: float, rng: np.random.Generator
-) -> int:
+def _blurred(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur over the two image axes (edges reflected): float, shaped like ``image``."""
+    sigmas = (sigma, sigma) if image.ndim == 2 else (sigma, sigma, 0.0)
+    return ndimage.gaussian_filter(image.astype(np.float64), sigmas, mode="reflect")
+
+
+def _polarity(median: float, amplitude: float, rng: np.random.Generator) -> int:
     """Bright (+1) or dark (-1) at random, flipped when that side has no room for the change."""
-    polarity = 1 if rng.integers(2) else -1
-    median = float(np.median(_luminance(clean)[footprint]))
-    room = 255.0 - median if polarity > 0 else median
-    return -polarity if room < amplitude else polarity
+    return _side_with_room(1 if rng.integers(2) else -1, median, amplitude)
+
+
+def _side_with_room(side: int, median: float, amount: float) -> int:
+    """``side`` (+1 brighter, -1 darker), or the other one where it lacks room.
+
+    A side lacks room when ``median`` is less than ``amount`` levels from its end (255 or 0).
+    """
+    room = 255.0 - median if side > 0 else median
+    return -side if room < amount else side
+
+
+def _uniform(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A float image of ``shape`` filled with a grey level ([]) or a colour ([3])."""
+    return np.broadcast_to(value, shape).astype(np.float64)
+
+
+def _rounded(value: np.ndarray) -> float | list[float]:
+    """A grey value as a float, a colour as a list, both to 3 decimals (for the records)."""
+    value = np.asarray(value, dtype=np.float64)
+    if value.ndim == 0:
+        return round(float(value), 3)
+    return [round(float(v), 3) for v in value]
 
 
 def _apply_change(
