@@ -81,3 +81,110 @@ def test_unknown_key_and_bad_values_are_refused(tmp_path):
 def test_round_trip_through_dict():
     c = load_preset("rd_original_wrn50")
     assert Config.from_dict(c.to_dict()) == c
+
+
+def test_yaml_values_are_converted_to_the_field_types(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "train:\n  lr_student: 1e-4\n  lr_teacher: 2\n  epochs: '3'\n  amp: 'false'\n"
+        "  betas: ['0.5', 1e-3]\n  keep_epoch: null\nmodel:\n  weights: null\n"
+    )
+    c = load_config(path)
+    assert c.train.lr_student == 1e-4 and type(c.train.lr_student) is float
+    assert c.train.lr_teacher == 2.0 and type(c.train.lr_teacher) is float
+    assert c.train.epochs == 3 and type(c.train.epochs) is int
+    assert c.train.amp is False and c.train.betas == (0.5, 1e-3)
+    assert c.train.keep_epoch is None and c.model.weights is None
+
+
+@pytest.mark.parametrize(
+    "section,key,value,expected",
+    [
+        ("train", "epochs", "3.5", "expected an integer"),
+        ("train", "epochs", 2.0, "expected an integer"),
+        ("train", "amp", 1, "expected true or false"),
+        ("train", "amp", "yes please", "expected true or false"),
+        ("train", "lr_student", "fast", "expected a number"),
+        ("train", "lr_student", True, "expected a number"),
+        ("train", "lr_teacher", "nan", "expected a finite number"),
+        ("train", "lr_teacher", float("inf"), "expected a finite number"),
+        ("train", "betas", [0.5], "expected 2 values"),
+        ("train", "betas", "0.5,0.9", "expected a list"),
+        ("model", "backbone", 18, "expected a string"),
+        ("model", "weights", ["a"], "expected a string"),
+    ],
+)
+def test_values_of_the_wrong_type_name_the_file_and_key(tmp_path, section, key, value, expected):
+    import yaml
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({section: {key: value}}))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: {section}.{key}=") and expected in message
+
+
+@pytest.mark.parametrize(
+    "section,key,value",
+    [
+        ("train", "epochs", 0),
+        ("train", "batch_size", 0),
+        ("train", "checkpoint_every", 0),
+        ("train", "keep_epoch", 0),
+        ("train", "keep_epoch", 301),
+        ("train", "lr_student", 0.0),
+        ("train", "lr_teacher", -1e-6),
+        ("train", "alpha", 1.5),
+        ("train", "device", "gpu"),
+        ("train", "device", "cuda:x"),
+        ("scoring", "gamma", -0.1),
+        ("scoring", "sigma", -1.0),
+        ("scoring", "image_threshold_quantile", 1.01),
+        ("scoring", "pixel_threshold_quantile", -0.5),
+        ("data", "num_workers", -1),
+        ("data", "image_size", 0),
+        ("prototype", "channels_per_level", 0),
+        ("prototype", "kernel_size", 2),
+        ("prototype", "kernel_size", 0),
+        ("prototype", "max_prototypes", 0),
+        ("prototype", "coreset_ratio", 0.0),
+        ("prototype", "coreset_ratio", 1.5),
+    ],
+)
+def test_values_out_of_range_name_the_key(tmp_path, section, key, value):
+    path = tmp_path / "range.yaml"
+    path.write_text(f"{section}:\n  {key}: {value}\n")
+    with pytest.raises(ConfigError, match=f"{path}: {section}.{key}="):
+        load_config(path)
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
+def test_devices_as_resolve_device_reads_them(device):
+    assert Config.from_dict({"train": {"device": device}}).train.device == device
+
+
+def test_boundary_values_are_accepted():
+    c = Config.from_dict(
+        {
+            "train": {"alpha": 0, "epochs": 1, "keep_epoch": 1, "checkpoint_every": 1},
+            "scoring": {"gamma": 1, "sigma": 0, "image_threshold_quantile": 1},
+            "prototype": {"coreset_ratio": 1, "kernel_size": 1},
+            "data": {"num_workers": 0, "image_size": 32},
+        }
+    )
+    assert c.train.alpha == 0.0 and type(c.train.alpha) is float
+    assert c.scoring.gamma == 1.0 and c.prototype.coreset_ratio == 1.0
+
+
+def test_set_on_the_command_line_converts_like_yaml():
+    from cpkp.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(
+        ["train", "--set", "train.lr_teacher=1e-5", "--set", "scoring.sigma=2"]
+    )
+    c = config_from_args(args)
+    assert c.train.lr_teacher == 1e-5 and c.scoring.sigma == 2.0
+    args = build_parser().parse_args(["train", "--set", "train.epochs=many"])
+    with pytest.raises(ConfigError, match="command line: train.epochs='many': expected an integer"):
+        config_from_args(args)

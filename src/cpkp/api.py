@@ -33,8 +33,9 @@ from cpkp import runio
 from cpkp.backbones import create_backbone
 from cpkp.config import Config, apply_overrides, load_config, load_preset
 from cpkp.data.dataset import ImageDataset, validate_images
+from cpkp.data.readers import list_images
 from cpkp.data.records import Sample
-from cpkp.errors import CheckpointError, ConfigError, DatasetError
+from cpkp.errors import CheckpointError, ConfigError, DatasetError, ScoringError
 from cpkp.models import create_student
 from cpkp.prototype import Prototype, build_prototype
 from cpkp.scoring import (
@@ -57,6 +58,7 @@ from cpkp.training import (
 logger = logging.getLogger(__name__)
 
 ImageSource = Sample | str | Path
+ImageInput = Sequence[ImageSource] | str | Path  # a list of images, or one folder of images
 
 
 @dataclass
@@ -84,9 +86,9 @@ class Prediction:
 
     path: str
     score: float
-    is_anomalous: bool
+    is_anomalous: bool  # score > image threshold: a score equal to it counts as normal
     map: np.ndarray  # [H, W] float32 at the image's own size
-    mask: np.ndarray  # [H, W] bool, map >= pixel threshold
+    mask: np.ndarray  # [H, W] bool, map > pixel threshold
 
 
 def resolve_device(name: str) -> torch.device:
@@ -124,6 +126,7 @@ class Detector:
         self.history: list[dict[str, Any]] = []
         self.epoch_logs: list[EpochLog] = []
         self.weights_source = ""
+        self._run_dir: Path | None = None  # the folder this detector trains into, if any
 
     @classmethod
     def from_preset(cls, name: str = "cpu_rd_lite0", **overrides: dict[str, Any]) -> Detector:
@@ -147,27 +150,34 @@ class Detector:
 
     def fit(
         self,
-        images: Sequence[ImageSource],
+        images: ImageInput,
         run_dir: str | Path | None = None,
         progress: bool = True,
         on_epoch: Callable[[EpochLog], None] | None = None,
+        source: dict[str, Any] | None = None,
     ) -> list[EpochLog]:
         """Train on normal images: build the prototype, co-progress, calibrate.
 
+        Every image is checked before anything is written, so a bad file leaves ``run_dir``
+        as it was.
+
         Args:
-            images: normal training images (Sample records or paths).
+            images: normal training images (Sample records or paths), or a folder of them.
             run_dir: when given, the run is saved there: the config at once, a checkpoint
                 every ``train.checkpoint_every`` epochs and at the end, the per-epoch log, and
-                the final weights, prototype and calibration.
+                the final weights, prototype and calibration. A previous run's cpkp files
+                there are removed first (``runio.RUN_FILES``; other files stay).
             progress: show progress bars.
             on_epoch: called after every epoch with its log.
+            source: where the images came from (dataset kind and folders), written to
+                ``run_dir/source.json`` for ``cpkp test``.
 
         Returns:
             One :class:`EpochLog` per epoch.
         """
         cfg = self.config
         dataset = self._training_dataset(images)
-        run_dir = self._start_run_dir(run_dir)
+        run_dir = self._start_run_dir(run_dir, source)
         seed_everything(cfg.train.seed)
 
         monitor = self._build_networks()
@@ -210,6 +220,7 @@ class Detector:
         detector.kp_scale = float(meta["kp_scale"])
         detector.weights_source = meta["weights_source"]
         detector.epoch_logs = [EpochLog(**log) for log in meta["epoch_logs"]]
+        detector._run_dir = run_dir
         dataset = detector._training_dataset(detector.train_images)
 
         trainer = detector._trainer()
@@ -221,21 +232,77 @@ class Detector:
         detector._train(dataset, trainer, generator, meta["epoch"], run_dir, progress, on_epoch)
         return detector
 
-    def _training_dataset(self, images: Sequence[ImageSource]) -> ImageDataset:
+    def _training_dataset(self, images: ImageInput) -> ImageDataset:
+        images = _image_list(images)
         if len(images) == 0:
             raise DatasetError("no training images were given")
-        dataset = ImageDataset(list(images), self.config.data.image_size)
+        self._check_batchnorm_batches(len(images))
+        dataset = ImageDataset(images, self.config.data.image_size)
         validate_images(dataset.samples)
-        self.train_images = [str(_path_of(s)) for s in images]
+        # Absolute, so that the run folder stays valid when the working directory changes.
+        self.train_images = [str(_path_of(s).absolute()) for s in images]
         return dataset
 
-    def _start_run_dir(self, run_dir: str | Path | None) -> Path | None:
+    def _check_batchnorm_batches(self, n_images: int) -> None:
+        """Refuse what would give the student a one-value BatchNorm batch in training.
+
+        At 32 px the RD bottleneck's grid is 1x1, so a batch of one image gives BatchNorm a
+        single value per channel, which it cannot normalise. A lone last batch is dropped
+        then (:meth:`_drops_lone_batch`); a single image or ``batch_size`` 1 is refused. The
+        FD student's smallest grid is 2x2 at 32 px, so it trains on any batch.
+        """
+        if not self._has_1x1_grid() or n_images == 0:
+            return
+        if n_images == 1:
+            raise DatasetError(
+                f"1 training image at data.image_size={self.image_size}: the student's "
+                "bottleneck grid is 1x1 and BatchNorm needs more than one value per channel; "
+                "give at least 2 images or an image size of 64 or more"
+            )
+        if self.config.train.batch_size == 1:
+            raise ConfigError(
+                f"train.batch_size=1 at data.image_size={self.image_size}: the student's "
+                "bottleneck grid is 1x1 and BatchNorm needs more than one value per channel; "
+                "use a batch size of 2 or more, or an image size of 64 or more"
+            )
+        if self._drops_lone_batch(n_images):
+            logger.info(
+                "%d images in batches of %d: each epoch leaves out its one-image last batch "
+                "(a 1x1 grid at %d px)",
+                n_images,
+                self.config.train.batch_size,
+                self.image_size,
+            )
+
+    def _drops_lone_batch(self, n_images: int) -> bool:
+        """Whether training drops a last batch of one image (see _check_batchnorm_batches)."""
+        lone = n_images > 1 and n_images % self.config.train.batch_size == 1
+        return lone and self._has_1x1_grid()
+
+    def _has_1x1_grid(self) -> bool:
+        """Whether the student has a 1x1 feature grid (RD's bottleneck at stride 32)."""
+        return self.config.model.variant == "rd" and self.image_size < 64
+
+    def _start_run_dir(
+        self, run_dir: str | Path | None, source: dict[str, Any] | None = None
+    ) -> Path | None:
+        """Replace a previous run's cpkp files in ``run_dir``; write the config and source.
+
+        The CLI's ``train.log`` stays: the command line may already be writing to it.
+        """
         if run_dir is None:
             return None
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        runio.write_yaml(run_dir / runio.CONFIG_FILE, self.config.to_dict())
+        if runio.run_markers(run_dir):
+            names = [n for n in runio.RUN_FILES if n != runio.LOG_FILE]
+            removed = runio.remove_run_files(run_dir, names, overlays=True)
+            logger.info("%s: replaced a previous run (%d files removed)", run_dir, len(removed))
         (run_dir / runio.TRAIN_LOG).unlink(missing_ok=True)
+        runio.write_yaml(run_dir / runio.CONFIG_FILE, self.config.to_dict())
+        if source is not None:
+            runio.write_json(run_dir / runio.SOURCE_FILE, source)
+        self._run_dir = run_dir
         return run_dir
 
     def _trainer(self) -> CoProgressionTrainer:
@@ -256,7 +323,8 @@ class Detector:
     ) -> list[EpochLog]:
         """Epochs ``start_epoch + 1 .. epochs``, checkpoints, then calibration and the save."""
         cfg = self.config
-        loader = self._loader(dataset, shuffle=True, generator=generator)
+        drop = self._drops_lone_batch(len(dataset))
+        loader = self._loader(dataset, shuffle=True, generator=generator, drop_last=drop)
         logger.info(
             "training %s student on %d images for %d epochs (co_progression=%s, prototype=%s)",
             cfg.model.variant.upper(),
@@ -289,7 +357,10 @@ class Detector:
         recalibrate_batchnorm(
             self.student,
             self.teacher,
-            (_channels_last(b["image"], self.device) for b in self._loader(dataset)),
+            (
+                _channels_last(b["image"], self.device)
+                for b in self._loader(dataset, drop_last=drop)
+            ),
         )
         self.calibrate(dataset, progress=progress)
         self.history.append(
@@ -477,17 +548,25 @@ class Detector:
         )
 
     def predict(
-        self, images: Sequence[ImageSource] | Tensor, batch_size: int | None = None
+        self, images: ImageInput | Tensor, batch_size: int | None = None
     ) -> list[Prediction]:
         """Score images of any size; maps come back at each image's own size.
 
+        An image is anomalous when its score is strictly above the image threshold, a pixel
+        when its value is strictly above the pixel threshold.
+
         Args:
-            images: paths / Sample records, or a tensor [B, 3, H, W] in [0, 1].
+            images: paths / Sample records, a folder of images, or a tensor [B, 3, H, W] in
+                [0, 1].
             batch_size: images per forward pass (default: the training batch size).
+
+        Raises:
+            ImageError: an image cannot be read (see :func:`cpkp.data.load_image`).
+            ScoringError: a score or map is NaN or infinite (the images are named).
         """
         self._require_fitted()
         if isinstance(images, Tensor):
-            return self._predict_tensor(images)
+            return _require_finite(self._predict_tensor(images))
         dataset = self._dataset(images)
         out = []
         for batch in self._loader(dataset, batch_size=batch_size):
@@ -497,7 +576,7 @@ class Detector:
                 batch["path"], result.scores.cpu(), resize_maps(result.maps.cpu(), sizes)
             ):
                 out.append(self._prediction(path, float(score), m[0].numpy()))
-        return out
+        return _require_finite(out)
 
     def _predict_tensor(self, images: Tensor) -> list[Prediction]:
         h, w = images.shape[-2:]
@@ -515,9 +594,9 @@ class Detector:
         return Prediction(
             path=str(path),
             score=score,
-            is_anomalous=score >= self.calibration.image_threshold,
+            is_anomalous=score > self.calibration.image_threshold,
             map=amap.astype(np.float32),
-            mask=amap >= self.calibration.pixel_threshold,
+            mask=amap > self.calibration.pixel_threshold,
         )
 
     def _raw_maps(
@@ -555,10 +634,20 @@ class Detector:
     # ------------------------------------------------------------------------ save and load
 
     def save(self, run_dir: str | Path) -> Path:
-        """Write the run folder (config, weights, metadata); every file written atomically."""
+        """Write the run folder (config, weights, metadata); every file written atomically.
+
+        Files of an older model in ``run_dir`` are removed, so the folder never mixes two
+        runs: test outputs (metrics.json, scores.csv, overlays/) always, and a training run's
+        checkpoint, logs and source.json unless ``run_dir`` is the folder this detector was
+        trained in. Files that cpkp does not write are left alone.
+        """
         self._require_fitted()
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        own = self._run_dir is not None and _same_folder(self._run_dir, run_dir)
+        stale = runio.TEST_FILES if own else (*runio.TEST_FILES, *runio.TRAINING_FILES)
+        for path in runio.remove_run_files(run_dir, stale, overlays=True):
+            logger.info("removed %s, written for an earlier model", path)
         runio.save_tensors(run_dir / runio.WEIGHTS_FILE, self._network_tensors())
         runio.write_yaml(run_dir / runio.CONFIG_FILE, self.config.to_dict())
         runio.write_json(run_dir / runio.META_FILE, self._meta())
@@ -626,10 +715,11 @@ class Detector:
 
     # ---------------------------------------------------------------------------- internals
 
-    def _dataset(self, images: Sequence[ImageSource]) -> ImageDataset:
+    def _dataset(self, images: ImageInput) -> ImageDataset:
+        images = _image_list(images)
         if len(images) == 0:
             raise DatasetError("no images were given")
-        return ImageDataset(list(images), self.image_size)
+        return ImageDataset(images, self.image_size)
 
     def _loader(
         self,
@@ -637,11 +727,13 @@ class Detector:
         shuffle: bool = False,
         generator: torch.Generator | None = None,
         batch_size: int | None = None,
+        drop_last: bool = False,
     ) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size or self.config.train.batch_size,
             shuffle=shuffle,
+            drop_last=drop_last,
             generator=generator,
             num_workers=self.config.data.num_workers,
             pin_memory=self.device.type == "cuda",
@@ -696,6 +788,42 @@ def _subsample(values: Tensor, limit: int = 20_000_000) -> np.ndarray:
 
 def _path_of(item: ImageSource) -> Path:
     return item.image if isinstance(item, Sample) else Path(item)
+
+
+def _image_list(images: ImageInput) -> list[ImageSource]:
+    """A list of images as given, or the images of a folder given as one path.
+
+    A single ``str`` is a path, never a sequence of letters.
+
+    Raises:
+        DatasetError: a path that is not a folder, or a folder with no image.
+    """
+    if isinstance(images, (str, Path)):
+        folder = Path(images)
+        if not folder.is_dir():
+            raise DatasetError(
+                f"{folder}: expected a folder of images or a list of image paths, got a path "
+                f"that is {'a file' if folder.exists() else 'not found'}"
+            )
+        return list(list_images(folder))
+    return list(images)
+
+
+def _require_finite(predictions: list[Prediction]) -> list[Prediction]:
+    """The predictions, or ScoringError naming every image with a NaN or infinite value."""
+    bad = [p.path for p in predictions if not (np.isfinite(p.score) and np.isfinite(p.map).all())]
+    if bad:
+        shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise ScoringError(
+            f"non-finite anomaly scores (NaN or inf) for {len(bad)} image(s): {shown}. The "
+            "images were read and are finite, so the model's weights or calibration are not: "
+            "retrain the run"
+        )
+    return predictions
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve()
 
 
 def _now() -> str:

@@ -8,6 +8,9 @@ a misspelt option never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -21,6 +24,7 @@ VARIANTS = ("rd", "fd")
 FUSIONS = ("standardized", "raw")
 KD_LOSSES = ("positional", "flattened")
 OPTIMIZERS = ("adam", "sgd")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")  # as cpkp.api.resolve_device reads it
 
 
 @dataclass
@@ -92,23 +96,19 @@ class Config:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
 
     def validate(self) -> Config:
-        """Check every value that has a fixed set of choices or a range; return self."""
+        """Check every value that has a fixed set of choices or a range; return self.
+
+        Raises:
+            ConfigError: naming the first ``section.key`` whose value is out of its range.
+        """
         _choice("model.variant", self.model.variant, VARIANTS)
         _choice("scoring.fusion", self.scoring.fusion, FUSIONS)
         _choice("train.kd_loss", self.train.kd_loss, KD_LOSSES)
         _choice("train.optimizer", self.train.optimizer, OPTIMIZERS)
-        _check(0.0 <= self.train.alpha <= 1.0, "train.alpha must lie in [0, 1]")
-        _check(0.0 <= self.scoring.gamma <= 1.0, "scoring.gamma must lie in [0, 1]")
-        _check(self.prototype.grid_stride in (4, 8), "prototype.grid_stride must be 4 or 8")
-        _check(0.0 < self.prototype.coreset_ratio <= 1.0, "prototype.coreset_ratio: (0, 1]")
-        _check(self.train.epochs >= 1, "train.epochs must be at least 1")
-        _check(self.train.batch_size >= 1, "train.batch_size must be at least 1")
-        _check(self.data.image_size >= 32, "data.image_size must be at least 32")
-        _check(
-            self.data.image_size % 32 == 0,
-            f"data.image_size={self.data.image_size}: the students halve the grid five times, "
-            "so the image size must be a multiple of 32 (for example 224, 256 or 320)",
-        )
+        _check_data(self.data)
+        _check_prototype(self.prototype)
+        _check_train(self.train)
+        _check_scoring(self.scoring)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,11 +122,24 @@ class Config:
         """Build from a nested dict; unknown sections or keys raise :class:`ConfigError`."""
         config = cls()
         apply_overrides(config, raw, source)
-        return config.validate()
+        try:
+            return config.validate()
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from err
 
 
 def apply_overrides(config: Config, raw: dict[str, Any], source: str = "config") -> Config:
-    """Set the fields named in ``raw`` ({section: {key: value}}) on ``config`` in place."""
+    """Set the fields named in ``raw`` ({section: {key: value}}) on ``config`` in place.
+
+    Each value is converted to its field's type, as YAML and the command line hand over
+    strings and integers where a float is meant (PyYAML reads ``1e-4`` as a string): floats
+    from integers and numeric strings, integers from integer strings, booleans only from
+    booleans and the strings ``true``/``false``, tuples element by element.
+
+    Raises:
+        ConfigError: an unknown section or key, or a value that does not convert; the message
+            names ``source`` (the file) and ``section.key``.
+    """
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     for section_name, values in raw.items():
@@ -136,17 +149,88 @@ def apply_overrides(config: Config, raw: dict[str, Any], source: str = "config")
             raise ConfigError(f"{source}: unknown section '{section_name}' (known: {names})")
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: section '{section_name}' must be a mapping")
-        known = {f.name: f for f in dataclasses.fields(section)}
+        types = typing.get_type_hints(type(section))
         for key, value in values.items():
-            if key not in known:
+            if key not in types:
                 raise ConfigError(
                     f"{source}: unknown key '{section_name}.{key}' "
-                    f"(known: {', '.join(sorted(known))})"
+                    f"(known: {', '.join(sorted(types))})"
                 )
-            if key == "betas" and value is not None:
-                value = tuple(float(v) for v in value)
-            setattr(section, key, value)
+            name = f"{section_name}.{key}"
+            try:
+                setattr(section, key, coerce(value, types[key]))
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"{source}: {name}={value!r}: {err}") from err
     return config
+
+
+def coerce(value: Any, annotation: Any) -> Any:
+    """``value`` converted to the type ``annotation`` names (int, float, bool, str, tuple, X|None).
+
+    Raises:
+        ValueError: the value does not convert; the message says what was expected.
+    """
+    args = typing.get_args(annotation)
+    if type(None) in args:
+        if value is None:
+            return None
+        (annotation,) = [a for a in args if a is not type(None)]
+    if typing.get_origin(annotation) is tuple:
+        return _coerce_tuple(value, typing.get_args(annotation))
+    convert = _CONVERTERS.get(annotation)
+    if convert is None:
+        raise TypeError(f"no conversion to {annotation}")
+    return convert(value)
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError("expected true or false")
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)
+    raise ValueError("expected an integer")
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a number")
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError("expected a number") from None
+    else:
+        raise ValueError("expected a number")
+    if not math.isfinite(number):
+        raise ValueError("expected a finite number")
+    return number
+
+
+def _to_str(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    raise ValueError("expected a string")
+
+
+_CONVERTERS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
+
+
+def _coerce_tuple(value: Any, element_types: tuple[Any, ...]) -> tuple[Any, ...]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"expected a list of {len(element_types)} values")
+    if len(value) != len(element_types):
+        raise ValueError(f"expected {len(element_types)} values, got {len(value)}")
+    return tuple(coerce(v, t) for v, t in zip(value, element_types))
 
 
 def load_config(path: str | Path) -> Config:
@@ -179,6 +263,76 @@ def load_preset(name_or_path: str | Path) -> Config:
         )
     with resources.as_file(resources.files("cpkp") / "configs" / f"{name_or_path}.yaml") as p:
         return load_config(p)
+
+
+def _check_data(data: DataConfig) -> None:
+    _check(data.image_size >= 32, f"data.image_size={data.image_size}: must be at least 32")
+    _check(
+        data.image_size % 32 == 0,
+        f"data.image_size={data.image_size}: the students halve the grid five times, "
+        "so the image size must be a multiple of 32 (for example 224, 256 or 320)",
+    )
+    _check(data.num_workers >= 0, f"data.num_workers={data.num_workers}: must be 0 or more")
+
+
+def _check_prototype(proto: PrototypeConfig) -> None:
+    _check(proto.grid_stride in (4, 8), f"prototype.grid_stride={proto.grid_stride}: 4 or 8")
+    _check(
+        0.0 < proto.coreset_ratio <= 1.0,
+        f"prototype.coreset_ratio={proto.coreset_ratio}: must lie in (0, 1]",
+    )
+    _at_least("prototype.channels_per_level", proto.channels_per_level, 1)
+    _check(
+        proto.kernel_size >= 1 and proto.kernel_size % 2 == 1,
+        f"prototype.kernel_size={proto.kernel_size}: must be an odd number of at least 1",
+    )
+    _at_least("prototype.stride", proto.stride, 1)
+    _at_least("prototype.padding", proto.padding, 0)
+    _at_least("prototype.max_prototypes", proto.max_prototypes, 1)
+    _at_least("prototype.max_bank", proto.max_bank, 1)
+    _at_least("prototype.projection_dim", proto.projection_dim, 1)
+    _at_least("prototype.chunk_size", proto.chunk_size, 1)
+
+
+def _check_train(train: TrainConfig) -> None:
+    _at_least("train.epochs", train.epochs, 1)
+    _at_least("train.batch_size", train.batch_size, 1)
+    _at_least("train.checkpoint_every", train.checkpoint_every, 1)
+    if train.keep_epoch is not None:
+        _check(
+            1 <= train.keep_epoch <= train.epochs,
+            f"train.keep_epoch={train.keep_epoch}: must lie in 1..train.epochs ({train.epochs})",
+        )
+    _positive("train.lr_student", train.lr_student)
+    _positive("train.lr_teacher", train.lr_teacher)
+    _unit("train.alpha", train.alpha)
+    for i, beta in enumerate(train.betas):
+        _check(0.0 <= beta < 1.0, f"train.betas[{i}]={beta}: must lie in [0, 1)")
+    _check(train.momentum >= 0.0, f"train.momentum={train.momentum}: must be 0 or more")
+    _check(train.weight_decay >= 0.0, f"train.weight_decay={train.weight_decay}: must be >= 0")
+    _check(
+        DEVICE_PATTERN.fullmatch(train.device) is not None,
+        f"train.device={train.device!r}: expected auto, cpu, cuda or cuda:N (N = 0, 1, ...)",
+    )
+
+
+def _check_scoring(scoring: ScoringConfig) -> None:
+    _unit("scoring.gamma", scoring.gamma)
+    _check(scoring.sigma >= 0.0, f"scoring.sigma={scoring.sigma}: must be 0 or more")
+    _unit("scoring.image_threshold_quantile", scoring.image_threshold_quantile)
+    _unit("scoring.pixel_threshold_quantile", scoring.pixel_threshold_quantile)
+
+
+def _at_least(name: str, value: int, low: int) -> None:
+    _check(value >= low, f"{name}={value}: must be at least {low}")
+
+
+def _positive(name: str, value: float) -> None:
+    _check(value > 0.0, f"{name}={value}: must be greater than 0")
+
+
+def _unit(name: str, value: float) -> None:
+    _check(0.0 <= value <= 1.0, f"{name}={value}: must lie in [0, 1]")
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:

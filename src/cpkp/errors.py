@@ -33,3 +33,7 @@ class CheckpointError(CpkpError):
 
 class TrainingError(CpkpError):
     """Training cannot go on (for example a non-finite loss)."""
+
+
+class ScoringError(CpkpError):
+    """Scores or maps came out NaN or infinite (a damaged model or calibration)."""

@@ -2,10 +2,17 @@
 
 A run folder holds everything needed to test or predict later::
 
-    config.yaml          the resolved configuration
-    model.safetensors    teacher.*, student.*, prototype.* tensors
-    meta.json            format version, calibration, training images, history
-    train_log.csv        one row per epoch
+    config.yaml              the resolved configuration
+    model.safetensors        teacher.*, student.*, prototype.* tensors
+    meta.json                format version, calibration, training images, history
+    train_log.csv            one row per epoch
+    checkpoint.safetensors   the last training checkpoint (``cpkp train --resume``)
+    source.json              the dataset the run was trained on (``cpkp test`` reads it)
+    train.log                the command line's log of the run
+    metrics.json, scores.csv, report.html, overlays/   written by ``cpkp test``
+
+These are the files cpkp owns (:data:`RUN_FILES`); replacing a run removes them and nothing
+else, so a user's own files in the folder are never deleted.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +36,29 @@ CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"
 TRAIN_LOG = "train_log.csv"
+CHECKPOINT_FILE = "checkpoint.safetensors"  # the same name as cpkp.checkpoint.CHECKPOINT_FILE
+SOURCE_FILE = "source.json"
+LOG_FILE = "train.log"
+METRICS_FILE = "metrics.json"
+SCORES_FILE = "scores.csv"
+REPORT_FILE = "report.html"
+OVERLAYS_DIR = "overlays"
+
+# Outputs computed from one model: stale as soon as another model is saved in their folder.
+TEST_FILES = (METRICS_FILE, SCORES_FILE, REPORT_FILE)
+# Files of one training run: stale when a model of another run is saved in their folder.
+TRAINING_FILES = (CHECKPOINT_FILE, TRAIN_LOG, SOURCE_FILE, LOG_FILE)
+RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, META_FILE, *TRAINING_FILES, *TEST_FILES)
+# Any of these makes a folder a run folder (one that `cpkp train --out` refuses to reuse).
+RUN_MARKERS = (CONFIG_FILE, WEIGHTS_FILE, META_FILE, CHECKPOINT_FILE)
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
 
-    A crash mid-write leaves the previous file intact and no half-written one behind.
+    A crash mid-write leaves the previous file intact and no half-written one behind. The file
+    gets the permissions a plain ``open(path, "w")`` would give (``0o666`` less the umask),
+    not the private ``0o600`` of a temporary file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -42,10 +66,24 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the OS allows (Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it, then put it back at once
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: Path, text: str) -> None:
@@ -108,11 +146,66 @@ def read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from err
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse, with the reason, a path that is not the folder of a finished run.
+
+    Raises:
+        CheckpointError: the folder is missing, is a file, or holds no ``meta.json`` (with a
+            hint to resume when a checkpoint shows that training was interrupted).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise CheckpointError(f"{run_dir}: run folder not found")
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: is a file, not a run folder")
+    if (run_dir / META_FILE).is_file():
+        return
+    if (run_dir / CHECKPOINT_FILE).is_file():
+        raise CheckpointError(
+            f"{run_dir}: training did not finish (a checkpoint but no {META_FILE}); "
+            f"continue it with `cpkp train --resume {run_dir}`"
+        )
+    raise CheckpointError(f"{run_dir}: not a cpkp run folder (no {META_FILE})")
+
+
+def run_markers(run_dir: Path) -> list[Path]:
+    """The files of :data:`RUN_MARKERS` in ``run_dir``: empty unless it holds a run."""
+    run_dir = Path(run_dir)
+    return [run_dir / name for name in RUN_MARKERS if (run_dir / name).is_file()]
+
+
+def remove_run_files(run_dir: Path, names: Sequence[str], overlays: bool = False) -> list[Path]:
+    """Delete the named cpkp files of a run folder, their temporary leftovers, and overlays.
+
+    Only the given names (and ``.<name>.*.tmp`` files that an interrupted atomic write left)
+    are removed; with ``overlays``, the PNG files in ``overlays/`` and then the folder when it
+    is empty. Any other file stays.
+
+    Returns:
+        The paths removed.
+    """
+    run_dir = Path(run_dir)
+    removed = []
+    for name in names:
+        candidates = [run_dir / name, *run_dir.glob(f".{name}.*.tmp")]
+        for path in candidates:
+            if path.is_file():
+                path.unlink()
+                removed.append(path)
+    folder = run_dir / OVERLAYS_DIR
+    if overlays and folder.is_dir():
+        for path in sorted([*folder.glob("*.png"), *folder.glob(".*.png.*.tmp")]):
+            path.unlink()
+            removed.append(path)
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    return removed
+
+
 def read_meta(run_dir: Path) -> dict[str, Any]:
     """The run's metadata, migrated to the current format version or refused with a reason."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"{run_dir}: run folder not found")
+    check_run_dir(run_dir)
     meta = read_json(run_dir / META_FILE)
     version = meta.get("format_version")
     if version != FORMAT_VERSION:

@@ -44,6 +44,8 @@ _GREY_MODES = frozenset({"1", "L", "LA"})
 _COLOUR_MODES = frozenset({"P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"})
 _UINT16_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _SUPPORTED_MODES = _GREY_MODES | _COLOUR_MODES | _UINT16_MODES | {"I", "F"}
+_MASK_ON_LEVELS = np.array([1.0, 1 / 255, 1 / 65535], dtype=np.float32)  # 255 (or max), or 1
+_WARNED_MASKS: set[str] = set()  # mask files already warned about in this process
 
 
 def is_image_file(path: str | Path) -> bool:
@@ -109,8 +111,10 @@ def check_image(path: str | Path) -> None:
 def load_mask(paths: Sequence[str | Path], size: tuple[int, int] | None = None) -> np.ndarray:
     """Read ground-truth mask files as one boolean mask: their union, any channel > 0.
 
-    Masks stored as 0/1 and as 0/255 give the same result. A mask whose size differs from
-    ``size`` is resized with nearest neighbour, with a warning that names it.
+    Masks stored as 0/1 and as 0/255 give the same result. Any other values (0/128, soft
+    masks) are read the same way, every non-zero pixel being defect, with one warning per file
+    that names it. A mask whose size differs from ``size`` is resized with nearest neighbour,
+    with a warning that names it.
 
     Args:
         paths: mask files (several for MVTec LOCO); may be empty when ``size`` is given.
@@ -127,7 +131,9 @@ def load_mask(paths: Sequence[str | Path], size: tuple[int, int] | None = None) 
     union = None if size is None else np.zeros(size, dtype=bool)
     reference = "its image" if size is not None else "the first mask"
     for path in paths:
-        mask = load_image(path).max(axis=2) > 0
+        pixels = load_image(path).max(axis=2)
+        _warn_if_not_binary(pixels, Path(path))
+        mask = pixels > 0
         target = mask.shape if union is None else union.shape
         if mask.shape != target:
             logger.warning(
@@ -142,6 +148,26 @@ def load_mask(paths: Sequence[str | Path], size: tuple[int, int] | None = None) 
             mask = _resize_nearest(mask, target)
         union = mask if union is None else union | mask
     return union
+
+
+def _warn_if_not_binary(pixels: np.ndarray, path: Path) -> None:
+    """Warn once per file when a mask holds values other than 0 and one "on" level.
+
+    The "on" level may be full scale (255 of 8 bits) or 1 (0/1 masks, at any bit depth).
+    """
+    on = np.unique(pixels[pixels > 0])
+    if on.size == 0 or (on.size == 1 and np.isclose(on[0], _MASK_ON_LEVELS, atol=1e-7).any()):
+        return
+    if str(path) in _WARNED_MASKS:
+        return
+    _WARNED_MASKS.add(str(path))
+    logger.warning(
+        "%s: mask holds %d non-zero levels (%s of full scale), not only 0/1 or 0/255; every "
+        "non-zero pixel counts as defect",
+        path,
+        on.size,
+        ", ".join(f"{v:.4g}" for v in on[:4]) + (", ..." if on.size > 4 else ""),
+    )
 
 
 def resize_image(image: np.ndarray, size: int) -> torch.Tensor:
