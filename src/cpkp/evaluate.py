@@ -5,6 +5,7 @@ Writes into the run folder (or ``out_dir``):
     metrics.json    fused score, A_kd alone and A_kp alone; overall and per defect type
     scores.csv      one row per image: path, label, defect type, scores, prediction
     overlays/       input | ground truth | anomaly map | thresholded region
+    report.html     the page a person opens: metrics, curves, gallery (cpkp.html_report)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from cpkp.api import Detector
 from cpkp.data.dataset import ImageDataset, validate_images
 from cpkp.data.records import Sample
 from cpkp.errors import DatasetError
+from cpkp.html_report import write_run_report
 from cpkp.metrics import compute_metrics
 from cpkp.report import overlay_panel
 
@@ -44,6 +46,7 @@ class TestOutputs:
     masks: np.ndarray  # [N, S, S] bool
     labels: np.ndarray  # [N] int
     metrics: dict[str, Any] = field(default_factory=dict)
+    kp_index: np.ndarray | None = None  # [N, h, w] nearest prototype per grid cell, or None
 
 
 def run_test(
@@ -52,6 +55,7 @@ def run_test(
     out_dir: str | Path | None = None,
     overlays: bool = True,
     progress: bool = True,
+    report: bool = True,
 ) -> TestOutputs:
     """Score every test sample, compute the metrics and write the outputs.
 
@@ -62,6 +66,7 @@ def run_test(
             written when None.
         overlays: write one overlay PNG per test image.
         progress: show a progress bar.
+        report: write ``report.html`` (:func:`cpkp.html_report.write_run_report`).
     """
     samples = list(samples)
     if not samples:
@@ -71,14 +76,14 @@ def run_test(
     outputs = _score_all(detector, dataset, progress)
     outputs.metrics = _metrics(outputs)
     if out_dir is not None:
-        write_outputs(detector, dataset, outputs, Path(out_dir), overlays)
+        write_outputs(detector, dataset, outputs, Path(out_dir), overlays, report)
     return outputs
 
 
 def _score_all(detector: Detector, dataset: ImageDataset, progress: bool) -> TestOutputs:
     scores = {p: [] for p in PARTS}
     maps = {p: [] for p in PARTS}
-    masks, labels = [], []
+    masks, labels, kp_index = [], [], []
     loader = detector._loader(dataset)
     for batch in tqdm(loader, desc="testing", disable=not progress):
         result = detector.score_batch(batch["image"])
@@ -90,12 +95,15 @@ def _score_all(detector: Detector, dataset: ImageDataset, progress: bool) -> Tes
             scores[name].append(m.flatten(1).amax(1).cpu().float().numpy())
         masks.append(batch["mask"][:, 0].numpy() > 0.5)
         labels.append(batch["label"].numpy())
+        if result.kp_index is not None:
+            kp_index.append(result.kp_index.cpu().numpy())
     return TestOutputs(
         samples=list(dataset.samples),
         scores={k: np.concatenate(v) for k, v in scores.items() if v},
         maps={k: np.concatenate(v) for k, v in maps.items() if v},
         masks=np.concatenate(masks),
         labels=np.concatenate(labels).astype(int),
+        kp_index=np.concatenate(kp_index) if kp_index else None,
     )
 
 
@@ -122,12 +130,15 @@ def write_outputs(
     outputs: TestOutputs,
     out_dir: Path,
     overlays: bool,
+    report: bool = True,
 ) -> None:
-    """metrics.json, scores.csv and (optionally) overlays/ under ``out_dir``."""
-    runio.write_json(out_dir / "metrics.json", outputs.metrics)
-    runio.write_text(out_dir / "scores.csv", _scores_csv(detector, outputs))
+    """metrics.json, scores.csv and (optionally) overlays/ and report.html under ``out_dir``."""
+    runio.write_json(out_dir / runio.METRICS_FILE, outputs.metrics)
+    runio.write_text(out_dir / runio.SCORES_FILE, _scores_csv(detector, outputs))
     if overlays:
-        _write_overlays(detector, dataset, outputs, out_dir / "overlays")
+        _write_overlays(detector, dataset, outputs, out_dir / runio.OVERLAYS_DIR)
+    if report:
+        write_run_report(detector, outputs, out_dir, dataset)
     logger.info("test results written to %s", out_dir)
 
 
@@ -144,7 +155,7 @@ def _scores_csv(detector: Detector, outputs: TestOutputs) -> str:
         score = float(outputs.scores["fused"][i])
         writer.writerow(
             [str(sample.image), sample.label, sample.defect_type, f"{score:.6g}"]
-            + [int(score >= threshold)]
+            + [int(score > threshold)]  # a score equal to the threshold is normal
             + [f"{float(outputs.scores[p][i]):.6g}" for p in parts if p != "fused"]
         )
     return buffer.getvalue()
