@@ -6,7 +6,7 @@ import pytest
 
 from cpkp.cli import build_parser, main
 
-COMMANDS = ["train", "test", "predict", "demo", "demo-data", "info"]
+COMMANDS = ["train", "test", "predict", "demo", "demo-data", "benchmark", "info"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -16,7 +16,7 @@ def test_every_command_has_help_with_defaults(command, capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "usage: cpkp" in out
-    if command in ("train", "demo-data", "demo", "predict"):
+    if command in ("train", "demo-data", "demo", "predict", "benchmark"):
         assert "default" in out
 
 

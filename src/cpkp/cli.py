@@ -1,7 +1,8 @@
 """The ``cpkp`` command line: a thin layer over the Python API.
 
 Every user mistake surfaces as one line ``cpkp: error: ...`` and exit code 2; the library raises
-:class:`cpkp.errors.CpkpError` for those and this module prints them.
+:class:`cpkp.errors.CpkpError` for those and this module prints them. ``cpkp predict`` exits
+with 1 when it skipped unreadable images (it scores the others and lists the skipped ones).
 """
 
 from __future__ import annotations
@@ -17,98 +18,128 @@ from typing import Any
 
 import numpy as np
 
-from cpkp import __version__
-from cpkp.errors import ConfigError, CpkpError, ImageError
+from cpkp import __version__, runio
+from cpkp.benchmark import DEFAULT_VARIANTS
+from cpkp.errors import CheckpointError, ConfigError, CpkpError, ImageError
 
 logger = logging.getLogger("cpkp")
 
 DEFAULT_PRESET = "cpu_rd_lite0"
-SOURCE_FILE = "source.json"
+SOURCE_FILE = runio.SOURCE_FILE
+EXIT_SKIPPED = 1  # cpkp predict: some images were unreadable and skipped
+EXIT_ERROR = 2  # a user mistake, reported in one line
+PRESET_DEFAULT = " (default: the preset's value)"
 
 
 # --------------------------------------------------------------------------------- arguments
 
 
-def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
+_DATA_OPTIONS = (
+    # flag, type, help, what happens when a `cpkp train` user leaves it out
+    ("--root", Path, "dataset root folder (mvtec, visa)", "required for mvtec and visa"),
+    ("--category", str, "category folder under the root (mvtec, visa)", "required for them"),
+    ("--normal", Path, "folder of normal training images (folder)", "required for folder"),
+    (
+        "--abnormal",
+        Path,
+        "folder of defect test images (folder)",
+        "default: none; the test split holds only the normal/test images, if any",
+    ),
+    (
+        "--masks",
+        Path,
+        "folder of masks matched by file stem (folder)",
+        "default: none; no pixel metrics",
+    ),
+)
+
+
+def _add_data_args(p: argparse.ArgumentParser, from_run: bool) -> None:
+    """Dataset options; ``from_run``: each defaults to the value in the run's source.json."""
     g = p.add_argument_group("data")
     g.add_argument(
         "--dataset",
         choices=["mvtec", "visa", "folder"],
-        required=required,
-        help="dataset layout: mvtec (also MPDD, BTAD, MVTec LOCO), visa, or plain folders",
+        help="dataset layout: mvtec (also MPDD, BTAD, MVTec LOCO), visa, or plain folders "
+        + ("(default: from the run's source.json)" if from_run else "(required unless --resume)"),
     )
-    g.add_argument("--root", type=Path, help="dataset root folder (mvtec, visa)")
-    g.add_argument("--category", help="category folder under the root (mvtec, visa)")
-    g.add_argument("--normal", type=Path, help="folder of normal training images (folder)")
-    g.add_argument("--abnormal", type=Path, help="folder of defect test images (folder)")
-    g.add_argument("--masks", type=Path, help="folder of masks matched by file stem (folder)")
+    for flag, kind, text, left_out in _DATA_OPTIONS:
+        default = "default: from the run's source.json" if from_run else left_out
+        g.add_argument(flag, type=kind, help=f"{text} ({default})")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and training (override the preset)")
+    g = p.add_argument_group(
+        "model and training",
+        "Each option overrides one value of the preset named by --config; an option left out "
+        "keeps the preset's value (`cpkp info` lists the presets).",
+    )
     g.add_argument(
         "--config",
-        default=DEFAULT_PRESET,
         help=f"preset name or YAML file (default: {DEFAULT_PRESET}; see `cpkp info`)",
     )
-    g.add_argument("--variant", choices=["rd", "fd"], help="student: reverse or forward")
-    g.add_argument("--backbone", help="backbone name, e.g. tf_efficientnet_lite0, wide_resnet50_2")
-    g.add_argument("--weights", help="local ImageNet weight file for torchvision backbones")
+    g.add_argument(
+        "--variant", choices=["rd", "fd"], help="student: reverse or forward" + PRESET_DEFAULT
+    )
+    g.add_argument(
+        "--backbone",
+        help="backbone name, e.g. tf_efficientnet_lite0, wide_resnet50_2" + PRESET_DEFAULT,
+    )
+    g.add_argument(
+        "--weights",
+        help="local ImageNet weight file for torchvision backbones (default: the preset's "
+        "value; without one, the torch hub cache)",
+    )
     g.add_argument(
         "--download-weights",
         action="store_true",
         default=None,
-        help="allow downloading torchvision ImageNet weights (off by default)",
+        help="allow downloading torchvision ImageNet weights (default: the preset's value, "
+        "off in every shipped preset)",
     )
-    g.add_argument("--image-size", type=int, help="model input size in pixels (multiple of 32)")
-    g.add_argument("--epochs", type=int, help="training epochs")
-    g.add_argument("--batch-size", type=int, help="images per batch")
-    g.add_argument("--lr-student", type=float, help="student learning rate")
-    g.add_argument("--lr-teacher", type=float, help="teacher learning rate")
-    g.add_argument("--alpha", type=float, help="teacher loss weight of L_kp (paper: 0.999)")
-    g.add_argument("--gamma", type=float, help="weight of A_kd in the fused map (paper: 0.5)")
-    g.add_argument("--coreset-ratio", type=float, help="prototype size / bank size (paper: 0.01)")
-    g.add_argument("--grid-stride", type=int, choices=[4, 8], help="prototype grid stride")
-    g.add_argument("--fusion", choices=["standardized", "raw"], help="how the maps are fused")
+    _model_option(g, "--image-size", int, "model input size in pixels (multiple of 32)")
+    _model_option(g, "--epochs", int, "training epochs")
+    _model_option(g, "--batch-size", int, "images per batch")
+    _model_option(g, "--lr-student", float, "student learning rate")
+    _model_option(g, "--lr-teacher", float, "teacher learning rate")
+    _model_option(g, "--alpha", float, "teacher loss weight of L_kp (paper: 0.999)")
+    _model_option(g, "--gamma", float, "weight of A_kd in the fused map (paper: 0.5)")
+    _model_option(g, "--coreset-ratio", float, "prototype size / bank size (paper: 0.01)")
     g.add_argument(
-        "--co-progression",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="let the teacher learn slowly (off: the teacher never steps)",
+        "--grid-stride", type=int, choices=[4, 8], help="prototype grid stride" + PRESET_DEFAULT
     )
     g.add_argument(
-        "--prototype",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="build the knowledge prototype (off: no L_kp, no A_kp)",
+        "--fusion", choices=["standardized", "raw"], help="how the maps are fused" + PRESET_DEFAULT
     )
-    g.add_argument(
+    _model_switch(g, "--co-progression", "let the teacher learn slowly (off: it never steps)")
+    _model_switch(g, "--prototype", "build the knowledge prototype (off: no L_kp, no A_kp)")
+    _model_switch(
+        g,
         "--teacher-grad-via-bottleneck",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="RD: let L_kd reach the teacher through the bottleneck too (ablation)",
+        "RD: let L_kd reach the teacher through the bottleneck too (ablation)",
     )
-    g.add_argument(
-        "--kp-normalise",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="divide L_kp by the bank's mean nearest-neighbour distance",
-    )
-    g.add_argument("--seed", type=int, help="random seed")
-    g.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
-    g.add_argument(
-        "--amp",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="bf16 mixed precision for the networks on CUDA",
-    )
-    g.add_argument("--checkpoint-every", type=int, help="epochs between checkpoints")
+    _model_switch(g, "--kp-normalise", "divide L_kp by the bank's mean nearest-neighbour distance")
+    _model_option(g, "--seed", int, "random seed")
+    _model_option(g, "--device", str, "auto (CUDA when present), cpu, cuda, cuda:1 ...")
+    _model_switch(g, "--amp", "bf16 mixed precision for the networks on CUDA")
+    _model_option(g, "--checkpoint-every", int, "epochs between checkpoints")
     g.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="any other config field, e.g. --set prototype.max_prototypes=20000 (repeatable)",
+        help="any other config field, e.g. --set prototype.max_prototypes=20000; repeatable "
+        "(default: none)",
+    )
+
+
+def _model_option(g: argparse._ArgumentGroup, flag: str, kind: type, text: str) -> None:
+    g.add_argument(flag, type=kind, help=text + PRESET_DEFAULT)
+
+
+def _model_switch(g: argparse._ArgumentGroup, flag: str, text: str) -> None:
+    g.add_argument(
+        flag, action=argparse.BooleanOptionalAction, default=None, help=text + PRESET_DEFAULT
     )
 
 
@@ -145,7 +176,7 @@ def config_from_args(args: argparse.Namespace):
 
     from cpkp.config import apply_overrides, load_preset
 
-    config = load_preset(args.config)
+    config = load_preset(args.config or DEFAULT_PRESET)
     overrides: dict[str, dict[str, Any]] = {}
     for dest, (section, key) in _OVERRIDES.items():
         value = getattr(args, dest, None)
@@ -177,94 +208,204 @@ def read_split(args: argparse.Namespace):
 
 
 def _source_of(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("dataset", "root", "category", "normal", "abnormal", "masks")
-    return {k: None if getattr(args, k) is None else str(getattr(args, k)) for k in keys}
+    """The dataset options as source.json stores them: folders as absolute paths."""
+    source: dict[str, Any] = {"dataset": args.dataset, "category": args.category}
+    for key in ("root", "normal", "abnormal", "masks"):
+        value = getattr(args, key)
+        source[key] = None if value is None else str(Path(value).absolute())
+    return source
 
 
 # ---------------------------------------------------------------------------------- commands
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cpkp import runio
     from cpkp.api import Detector
+    from cpkp.data.dataset import validate_images
 
     if args.resume is not None:
         return _resume(args)
     if args.dataset is None or args.out is None:
         raise ConfigError("cpkp train needs --dataset and --out (or --resume RUN)")
     config = config_from_args(args)
-    splits = read_split(args)
     out = Path(args.out)
-    _log_to_file(out / "train.log")
-    runio.write_json(out / SOURCE_FILE, _source_of(args))
+    _check_out_folder(out, args.force)
+    splits = read_split(args)
+    # Every input is checked before the run folder is touched, so a bad file changes nothing.
+    validate_images(splits.train + (splits.test if args.test else []))
+    if args.force:
+        _remove_old_run(out)
+
+    _log_to_file(out / runio.LOG_FILE)
+    logger.info("dataset: %s", splits.describe())
     detector = Detector(config)
     start = time.perf_counter()
-    detector.fit(splits.train, run_dir=out, progress=not args.quiet)
+    detector.fit(splits.train, run_dir=out, progress=not args.quiet, source=_source_of(args))
     print(f"trained in {time.perf_counter() - start:.1f} s; run saved to {out}")
     if args.test:
-        return _test_run(out, splits.test, overlays=not args.no_overlays, quiet=args.quiet)
+        return _test_run(
+            out,
+            splits.test,
+            overlays=not args.no_overlays,
+            report=not args.no_report,
+            quiet=args.quiet,
+        )
     return 0
+
+
+def _check_out_folder(out: Path, force: bool) -> None:
+    """Refuse an --out that is a file, or that holds a run unless --force."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file, not a folder")
+    found = runio.run_markers(out) if out.is_dir() else []
+    if found and not force:
+        raise ConfigError(
+            f"--out {out}: already holds a cpkp run ({', '.join(p.name for p in found)}); "
+            f"continue it with `cpkp train --resume {out}`, replace it with --force, or choose "
+            "another --out"
+        )
+
+
+def _remove_old_run(out: Path) -> None:
+    """--force: delete the previous run's cpkp files (runio.RUN_FILES, overlays), nothing else."""
+    if not runio.run_markers(out):
+        return
+    removed = runio.remove_run_files(out, runio.RUN_FILES, overlays=True)
+    logger.info("--force: removed %d files of the previous run in %s", len(removed), out)
+
+
+# Options that cannot change a run being resumed (it continues with its own config.yaml).
+_RESUME_FIXED = (
+    ("dataset", "root", "category", "normal", "abnormal", "masks", "out", "config")
+    + tuple(dest for dest in _OVERRIDES if dest != "epochs")
+    + ("set", "force")
+)
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from cpkp import runio
     from cpkp.api import Detector
+    from cpkp.checkpoint import read_checkpoint
+    from cpkp.data.dataset import validate_images
 
     run = Path(args.resume)
-    _log_to_file(run / "train.log")
+    fixed = [_flag(dest) for dest in _RESUME_FIXED if getattr(args, dest, None) not in (None, [])]
+    if fixed:
+        raise ConfigError(
+            f"--resume {run}: continues the run with its own settings, so these options would "
+            f"be ignored: {', '.join(fixed)}. With --resume give only --epochs (to train "
+            "longer), --test, --no-overlays and --no-report."
+        )
+    if not run.is_dir():
+        raise CheckpointError(f"{run}: run folder not found")
+    checkpoint = run / runio.CHECKPOINT_FILE
+    if not checkpoint.is_file():
+        read_checkpoint(run)  # raises the error that says what is missing
+    test_split = None
+    if args.test:
+        _fill_from_source(args, run)
+        test_split = read_split(args).test
+        validate_images(test_split)
+    if args.epochs is not None:
+        _set_resume_epochs(run, args.epochs, runio.load_metadata(checkpoint).get("epoch", 0))
+
+    _log_to_file(run / runio.LOG_FILE)
     start = time.perf_counter()
     Detector.resume(run, progress=not args.quiet)
     print(f"resumed and finished in {time.perf_counter() - start:.1f} s; run saved to {run}")
-    if args.test:
-        source = runio.read_json(run / SOURCE_FILE)
-        for key, value in source.items():
-            setattr(
-                args,
-                key,
-                None
-                if value is None
-                else Path(value)
-                if key != "dataset" and key != "category"
-                else value,
-            )
-        splits = read_split(args)
-        return _test_run(run, splits.test, overlays=not args.no_overlays, quiet=args.quiet)
+    if test_split is not None:
+        return _test_run(
+            run,
+            test_split,
+            overlays=not args.no_overlays,
+            report=not args.no_report,
+            quiet=args.quiet,
+        )
     return 0
 
 
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _set_resume_epochs(run: Path, epochs: int, done: int) -> None:
+    """--epochs with --resume: train to another epoch count, not below the checkpoint's."""
+    from cpkp.config import load_config
+
+    if epochs < done:
+        raise ConfigError(
+            f"--epochs {epochs}: the checkpoint in {run} is already after epoch {done}; give "
+            f"--epochs {done} or more"
+        )
+    config = load_config(run / runio.CONFIG_FILE)
+    if config.train.epochs == epochs:
+        return
+    logger.info("%s: epochs changed from %d to %d", run, config.train.epochs, epochs)
+    config.train.epochs = epochs
+    runio.write_yaml(run / runio.CONFIG_FILE, config.validate().to_dict())
+
+
+def _fill_from_source(args: argparse.Namespace, run: Path) -> None:
+    """Set the dataset options from the run's source.json."""
+    path = run / SOURCE_FILE
+    if not path.is_file():
+        raise ConfigError(
+            f"{path}: not found, so --test does not know the dataset; resume without --test "
+            "and run `cpkp test --run RUN --dataset ...`"
+        )
+    for key, value in runio.read_json(path).items():
+        if key in ("dataset", "category"):
+            setattr(args, key, value)
+        elif key in ("root", "normal", "abnormal", "masks"):
+            setattr(args, key, _opt_path(value))
+
+
 def cmd_test(args: argparse.Namespace) -> int:
-    from cpkp import runio
     from cpkp.data.readers import read_dataset
 
     run = Path(args.run)
+    runio.check_run_dir(run)
     source = runio.read_json(run / SOURCE_FILE) if (run / SOURCE_FILE).exists() else {}
-    if not source and args.root is None:
-        raise ConfigError(f"{run}: no {SOURCE_FILE} in the run; give --dataset and --root")
     kind = args.dataset or source.get("dataset")
+    if kind is None:
+        raise ConfigError(
+            f"{run}: no {SOURCE_FILE} in the run (trained from Python?), so the dataset is "
+            "unknown; give --dataset and its folders"
+        )
     root = args.root or source.get("root")
     category = args.category or source.get("category")
     if kind == "folder":
+        normal = args.normal or source.get("normal")
+        if normal is None:
+            raise ConfigError("--dataset folder needs --normal DIR (and optionally --abnormal)")
         splits = read_dataset(
             "folder",
             None,
             None,
-            normal=Path(args.normal or source["normal"]),
+            normal=Path(normal),
             abnormal=_opt_path(args.abnormal or source.get("abnormal")),
             masks=_opt_path(args.masks or source.get("masks")),
         )
     else:
+        if root is None or category is None:
+            raise ConfigError(f"--dataset {kind} needs --root DIR and --category NAME")
         splits = read_dataset(kind, Path(root), category)
-    return _test_run(run, splits.test, overlays=not args.no_overlays, quiet=args.quiet)
+    return _test_run(
+        run, splits.test, overlays=not args.no_overlays, report=not args.no_report, quiet=args.quiet
+    )
 
 
-def _test_run(run: Path, samples, overlays: bool, quiet: bool) -> int:
+def _test_run(run: Path, samples, overlays: bool, report: bool, quiet: bool) -> int:
     from cpkp.api import Detector
     from cpkp.evaluate import run_test
 
     detector = Detector.load(run)
-    outputs = run_test(detector, samples, out_dir=run, overlays=overlays, progress=not quiet)
+    outputs = run_test(
+        detector, samples, out_dir=run, overlays=overlays, progress=not quiet, report=report
+    )
     print(format_metrics(outputs.metrics))
     print(f"metrics, scores and overlays written to {run}")
+    if report:
+        print(f"report: {run / runio.REPORT_FILE} (open it in a browser)")
     return 0
 
 
@@ -284,17 +425,15 @@ def _cell(value: Any) -> str:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from PIL import Image
-
-    from cpkp import runio
     from cpkp.api import Detector
     from cpkp.data.images import load_image
-    from cpkp.report import blend, colorize
 
+    run = Path(args.run)
+    runio.check_run_dir(run)
     paths = _expand_inputs(args.paths)
     if not paths:
         raise ConfigError("no image files found in the given paths")
-    detector = Detector.load(args.run)
+    detector = Detector.load(run)
     out = Path(args.out)
     good, failed = [], []
     for path in paths:
@@ -304,33 +443,54 @@ def cmd_predict(args: argparse.Namespace) -> int:
         except ImageError as err:
             failed.append(str(path))
             print(f"cpkp: skipped {err}", file=sys.stderr)
+
     rows = []
-    for start in range(0, len(good), detector.config.train.batch_size):
-        chunk = good[start : start + detector.config.train.batch_size]
-        for pred in detector.predict(chunk):
-            stem = Path(pred.path).stem
-            image = load_image(pred.path)
-            hi = max(detector.calibration.pixel_threshold * 1.5, float(pred.map.max()))
-            lo = float(np.percentile(pred.map, 1))
-            heat = blend(image, colorize(pred.map, lo, hi))
-            runio.atomic_write(
-                out / f"{stem}_heatmap.png", lambda t, a=heat: Image.fromarray(a).save(t, "PNG")
-            )
-            mask = (pred.mask * 255).astype(np.uint8)
-            runio.atomic_write(
-                out / f"{stem}_mask.png", lambda t, a=mask: Image.fromarray(a).save(t, "PNG")
-            )
+    step = detector.config.train.batch_size
+    for start in range(0, len(good), step):
+        # predict raises on a NaN or infinite score before anything of this batch is written
+        for pred in detector.predict(good[start : start + step]):
+            _write_prediction(detector, pred, out)
             rows.append([pred.path, f"{pred.score:.6g}", int(pred.is_anomalous)])
             print(f"{pred.path}\t{pred.score:.4f}\t{'ANOMALOUS' if pred.is_anomalous else 'ok'}")
+    runio.write_text(out / "predictions.csv", _predictions_csv(rows, failed))
+    print(f"{len(rows)} images scored, {len(failed)} unreadable; results in {out}")
+    if failed:
+        print(
+            f"cpkp: skipped {len(failed)} unreadable file(s): {', '.join(failed)}", file=sys.stderr
+        )
+        return EXIT_SKIPPED
+    return 0
+
+
+def _write_prediction(detector, pred, out: Path) -> None:
+    """The heat map and the thresholded mask of one prediction, as PNGs under ``out``."""
+    from PIL import Image
+
+    from cpkp.data.images import load_image
+    from cpkp.report import blend, colorize
+
+    stem = Path(pred.path).stem
+    image = load_image(pred.path)
+    hi = max(detector.calibration.pixel_threshold * 1.5, float(pred.map.max()))
+    lo = float(np.percentile(pred.map, 1))
+    heat = blend(image, colorize(pred.map, lo, hi))
+    runio.atomic_write(
+        out / f"{stem}_heatmap.png", lambda t, a=heat: Image.fromarray(a).save(t, "PNG")
+    )
+    mask = (pred.mask * 255).astype(np.uint8)
+    runio.atomic_write(
+        out / f"{stem}_mask.png", lambda t, a=mask: Image.fromarray(a).save(t, "PNG")
+    )
+
+
+def _predictions_csv(rows: list[list[Any]], failed: list[str]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["path", "score", "prediction"])
     writer.writerows(rows)
     for path in failed:
         writer.writerow([path, "", "unreadable"])
-    runio.write_text(out / "predictions.csv", buffer.getvalue())
-    print(f"{len(rows)} images scored, {len(failed)} unreadable; results in {out}")
-    return 1 if failed and not rows else 0
+    return buffer.getvalue()
 
 
 def _expand_inputs(items: list[str]) -> list[Path]:
@@ -390,6 +550,55 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from cpkp.benchmark import plan_jobs, run_benchmark
+    from cpkp.data.readers import list_categories
+
+    base = config_from_args(args)
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds {args.seeds}: expected at least 1")
+    folders = {}
+    if args.dataset == "folder":
+        if args.normal is None:
+            raise ConfigError("--dataset folder needs --normal DIR (and optionally --abnormal)")
+        folders = {
+            key: str(Path(value).absolute())
+            for key in ("normal", "abnormal", "masks")
+            if (value := getattr(args, key)) is not None
+        }
+        categories = [Path(args.normal).name]
+    elif args.root is None:
+        raise ConfigError(f"--dataset {args.dataset} needs --root DIR")
+    elif args.categories == "all":
+        categories = list_categories(args.dataset, args.root)
+    else:
+        categories = [c for c in args.categories.split(",") if c]
+    alphas = [_float_option("--alpha", a) for a in args.alpha.split(",")] if args.alpha else []
+    out = Path(args.out)
+    jobs = plan_jobs(
+        args.dataset,
+        None if args.root is None else Path(args.root).absolute(),
+        categories,
+        [v for v in args.variants.split(",") if v],
+        list(range(args.seeds)),
+        out,
+        base,
+        alphas=alphas,
+        epochs=args.epochs,
+        folders=folders,
+    )
+    logger.info("benchmark: %d runs into %s", len(jobs), out)
+    print(run_benchmark(jobs, out, progress=not args.quiet))
+    return 0
+
+
+def _float_option(flag: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected a number") from None
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from cpkp.config import preset_names
     from cpkp.info import model_table
@@ -403,9 +612,20 @@ def cmd_info(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- plumbing
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default, except None and empty ones: their help text says what happens."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, []) or "(default:" in (action.help or ""):
+            return action.help
+        if action.default is False:
+            return f"{action.help} (default: off)"
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``cpkp`` argument parser with all its subcommands."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
     parser = argparse.ArgumentParser(
         prog="cpkp",
         description="CPKP anomaly detection: train on normal images, score and localise defects.",
@@ -417,24 +637,35 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a detector on normal images", formatter_class=fmt)
-    _add_data_args(p, required=False)
+    _add_data_args(p, from_run=False)
     _add_model_args(p)
     p.add_argument("--out", help="run folder to write (required unless --resume)")
     p.add_argument(
+        "--force",
+        action="store_true",
+        default=None,
+        help="replace a run already in --out: its cpkp files are removed first, other files "
+        "stay (default: refuse such a folder)",
+    )
+    p.add_argument(
         "--resume",
         metavar="RUN",
-        help="continue a killed run from its last checkpoint (other options are ignored)",
+        help="continue a killed run from its last checkpoint with its own settings; only "
+        "--epochs (train longer), --test, --no-overlays and --no-report may go with it "
+        "(default: start a new run)",
     )
     p.add_argument("--test", action="store_true", help="test on the test split after training")
     p.add_argument("--no-overlays", action="store_true", help="with --test: skip overlay PNGs")
+    p.add_argument("--no-report", action="store_true", help="with --test: skip report.html")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
         "test", help="metrics of a trained run on its test split", formatter_class=fmt
     )
     p.add_argument("--run", required=True, help="run folder written by `cpkp train`")
-    _add_data_args(p, required=False)
+    _add_data_args(p, from_run=True)
     p.add_argument("--no-overlays", action="store_true", help="skip the overlay PNGs")
+    p.add_argument("--no-report", action="store_true", help="skip report.html")
     p.set_defaults(func=cmd_test)
 
     p = sub.add_parser(
@@ -450,9 +681,55 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="demo-run", help="folder for the data, runs and table")
     p.add_argument("--categories", help="comma-separated demo categories (default: all)")
-    p.add_argument("--epochs", type=int, help="override the preset's epochs")
+    p.add_argument(
+        "--epochs", type=int, help="training epochs (default: the preset's, 10 in cpu_rd_lite0)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of data and training")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "benchmark",
+        help="train and test every category x variant x seed into one folder, one table",
+        formatter_class=fmt,
+    )
+    p.add_argument(
+        "--dataset",
+        required=True,
+        choices=["mvtec", "visa", "folder"],
+        help="dataset layout (mvtec also reads MPDD, BTAD, MVTec LOCO)",
+    )
+    p.add_argument("--root", type=Path, help="dataset root folder (required for mvtec and visa)")
+    p.add_argument(
+        "--categories",
+        default="all",
+        help="'all' (every category under --root) or a comma-separated list",
+    )
+    for flag, kind, text, left_out in _DATA_OPTIONS[2:]:
+        p.add_argument(flag, type=kind, help=f"{text} ({left_out})")
+    p.add_argument(
+        "--variants",
+        default=",".join(DEFAULT_VARIANTS),
+        help="comma-separated: cpkp-rd, cpkp-fd, rd@cpkp, fd@cpkp, cp-only, kp-only, rd, fd",
+    )
+    p.add_argument("--seeds", type=int, default=1, help="seeds 0 .. N-1 per combination")
+    p.add_argument(
+        "--alpha",
+        help="comma-separated teacher-loss weights for an alpha sweep, e.g. 0.9,0.99,0.999 "
+        "(default: the configuration's alpha only)",
+    )
+    p.add_argument("--config", help=f"base preset name or YAML file (default: {DEFAULT_PRESET})")
+    p.add_argument(
+        "--epochs", type=int, help="training epochs of every variant (default: each variant's)"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="any base config field, repeatable (default: none)",
+    )
+    p.add_argument("--out", required=True, help="output folder: runs, benchmark.md, .csv")
+    p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser(
         "demo-data", help="write the demo dataset (MVTec AD layout)", formatter_class=fmt
@@ -474,6 +751,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_HANDLERS: list[logging.Handler] = []  # added by this command; removed when it ends
+
+
 def _configure_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     console = logging.StreamHandler()
@@ -481,10 +761,9 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
     console.setFormatter(
         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     )
-    root = logging.getLogger()
-    root.addHandler(console)
+    _add_handler(console)
     # The root passes INFO on so that a run folder's log file gets it even when quiet.
-    root.setLevel(min(level, logging.INFO))
+    logging.getLogger().setLevel(min(level, logging.INFO))
 
 
 def _log_to_file(path: Path) -> None:
@@ -492,11 +771,33 @@ def _log_to_file(path: Path) -> None:
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
+    _add_handler(handler)
+
+
+def _add_handler(handler: logging.Handler) -> None:
     logging.getLogger().addHandler(handler)
+    _HANDLERS.append(handler)
+
+
+def _remove_handlers() -> None:
+    """Detach and close this command's log handlers.
+
+    A later ``main()`` in the same process (tests, notebooks) then writes nothing into this
+    run's log file.
+    """
+    while _HANDLERS:
+        handler = _HANDLERS.pop()
+        logging.getLogger().removeHandler(handler)
+        handler.close()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``cpkp`` console script."""
+    """Entry point of the ``cpkp`` console script.
+
+    Returns:
+        0 on success; 1 when ``cpkp predict`` skipped unreadable images; 2 for a user mistake
+        (one line on stderr); 130 when interrupted.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.verbose, args.quiet)
@@ -504,10 +805,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except CpkpError as err:
         print(f"cpkp: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("cpkp: interrupted; files already written are complete", file=sys.stderr)
         return 130
+    finally:
+        _remove_handlers()
 
 
 if __name__ == "__main__":
