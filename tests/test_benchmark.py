@@ -139,3 +139,21 @@ def test_a_diverging_run_is_marked_failed_and_the_others_go_on(tmp_path, monkeyp
     assert table.splitlines()[2] == "| a | failed | **0.900 ± 0.000** / **0.800 ± 0.000** |"
     rows = list(csv.DictReader((tmp_path / "benchmark.csv").open()))
     assert rows[0]["error"] == "loss is NaN at epoch 1, batch 2" and rows[1]["error"] == ""
+
+
+def test_part_and_defect_type_tables_show_each_part_alone():
+    first = _metrics(0.9, 0.8)
+    first["kp"] = {
+        "overall": {"image_auroc": 0.5},
+        "per_defect_type": {"hole": {"image_auroc": 0.25}},
+    }
+    first["fused"]["per_defect_type"] = {"hole": {"image_auroc": 1.0}}
+    first["kd"]["per_defect_type"] = {"hole": {"image_auroc": 0.75}}
+    second = _metrics(0.7, 0.8)
+    second["fused"]["per_defect_type"] = {"hole": {"image_auroc": 0.5}}
+    results = [(_job("a", "cpkp-rd", 0), first), (_job("a", "cpkp-rd", 1), second)]
+    parts = benchmark.format_parts_table(results).splitlines()
+    assert parts[0].startswith("| category | variant | img fused | img A_kd | img A_kp |")
+    assert parts[2].startswith("| a | cpkp-rd | 0.800 ± 0.141 | 0.800 ± 0.141 | 0.500 ± 0.000 |")
+    defects = benchmark.format_defect_table(results).splitlines()
+    assert defects[2] == "| a | hole | 0.750 (0.750 / 0.250) |"

@@ -261,7 +261,13 @@ def write_tables(results: Sequence[tuple[Job, dict[str, Any]]], out: Path) -> st
     """``benchmark.md``, ``benchmark.csv`` and ``benchmark.html`` from the runs finished so far."""
     from cpkp.html_report import write_benchmark_report
 
-    text = format_table(results)
+    text = "\n\n".join(
+        [
+            format_table(results),
+            "## Each part alone\n\n" + format_parts_table(results),
+            "## Per defect type\n\n" + format_defect_table(results),
+        ]
+    )
     runio.write_text(out / "benchmark.md", text + "\n")
     runio.write_text(out / "benchmark.csv", results_csv(results))
     write_benchmark_report(results, out)
@@ -335,6 +341,85 @@ def format_table(results: Sequence[tuple[Job, dict[str, Any]]]) -> str:
         "averages the categories seed by seed (over the seeds finished in every category)."
     )
     return "\n".join(lines)
+
+
+PART_COLUMNS = (
+    ("image_auroc", "fused"),
+    ("image_auroc", "kd"),
+    ("image_auroc", "kp"),
+    ("pixel_auroc", "fused"),
+    ("pixel_auroc", "kd"),
+    ("pixel_auroc", "kp"),
+    ("aupro", "fused"),
+)
+PART_NAMES = {"fused": "fused", "kd": "A_kd", "kp": "A_kp"}
+
+
+def format_parts_table(results: Sequence[tuple[Job, dict[str, Any]]]) -> str:
+    """Per category and variant: image and pixel AUROC of the fused score, ``A_kd`` and ``A_kp``.
+
+    Mean ± std over seeds; ``-`` where the variant has no such part (no prototype: no ``A_kp``).
+    """
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for job, metrics in results:
+        if "error" not in metrics:
+            groups.setdefault((job.category, job.label), []).append(metrics)
+    header = "| category | variant | " + " | ".join(
+        f"{'img' if m == 'image_auroc' else 'pix' if m == 'pixel_auroc' else 'AUPRO'} "
+        f"{PART_NAMES[part]}"
+        for m, part in PART_COLUMNS
+    )
+    lines = [header + " |", "|---" * (len(PART_COLUMNS) + 2) + "|"]
+    for (category, label), runs in groups.items():
+        cells = [_mean_std([_metric(r, part, m) for r in runs]) for m, part in PART_COLUMNS]
+        lines.append(f"| {category} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_defect_table(results: Sequence[tuple[Job, dict[str, Any]]]) -> str:
+    """Per category and defect type: image AUROC of each variant's fused score, ``A_kd``, ``A_kp``.
+
+    Each cell is ``fused (A_kd / A_kp)``, means over seeds; each defect type is scored against
+    all good test images.
+    """
+    labels = list(dict.fromkeys(job.label for job, _ in results))
+    values: dict[tuple[str, str, str, str], list[float]] = {}
+    for job, metrics in results:
+        for part in PARTS:
+            per_type = metrics.get(part, {}).get("per_defect_type", {})
+            for defect, group in per_type.items():
+                value = group.get("image_auroc")
+                if value is not None:
+                    key = (job.category, defect, job.label, part)
+                    values.setdefault(key, []).append(float(value))
+    rows = list(dict.fromkeys((c, d) for c, d, _, _ in values))
+    lines = [
+        "| category | defect type | "
+        + " | ".join(f"{lab} fused (A_kd / A_kp)" for lab in labels)
+        + " |",
+        "|---" * (len(labels) + 2) + "|",
+    ]
+    for category, defect in rows:
+        cells = []
+        for label in labels:
+            means = {
+                part: _mean_text(values.get((category, defect, label, part), [])) for part in PARTS
+            }
+            cells.append(f"{means['fused']} ({means['kd']} / {means['kp']})")
+        lines.append(f"| {category} | {defect} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _mean_std(values: Sequence[float | None]) -> str:
+    present = [v for v in values if v is not None]
+    if not present:
+        return "-"
+    std = statistics.stdev(present) if len(present) > 1 else 0.0
+    return f"{statistics.fmean(present):.3f} ± {std:.3f}"
+
+
+def _mean_text(values: Sequence[float]) -> str:
+    return f"{statistics.fmean(values):.3f}" if values else "-"
 
 
 def _cell(
