@@ -35,9 +35,23 @@ from cpkp.config import Config, apply_overrides, load_config, load_preset
 from cpkp.data.dataset import ImageDataset, validate_images
 from cpkp.data.readers import list_images
 from cpkp.data.records import Sample
-from cpkp.errors import CheckpointError, ConfigError, DatasetError, ScoringError
+from cpkp.errors import (
+    CheckpointError,
+    ConfigError,
+    DatasetError,
+    ImageError,
+    ScoringError,
+    WeightsError,
+)
 from cpkp.models import create_student
-from cpkp.prototype import Prototype, build_prototype
+from cpkp.prototype import (
+    Prototype,
+    build_prototype,
+    coreset_size,
+    f_agg,
+    monitor_bank,
+    reselect_prototype,
+)
 from cpkp.scoring import (
     Calibration,
     fuse,
@@ -126,7 +140,8 @@ class Detector:
         self.history: list[dict[str, Any]] = []
         self.epoch_logs: list[EpochLog] = []
         self.weights_source = ""
-        self._run_dir: Path | None = None  # the folder this detector trains into, if any
+        self._run_dir: Path | None = None  # the run folder it trains into or was loaded from
+        self._epochs_done: int | None = None  # as read by load(), which has no epoch logs
 
     @classmethod
     def from_preset(cls, name: str = "cpu_rd_lite0", **overrides: dict[str, Any]) -> Detector:
@@ -291,6 +306,7 @@ class Detector:
         The CLI's ``train.log`` stays: the command line may already be writing to it.
         """
         if run_dir is None:
+            self._run_dir = None  # a new model: a folder it was loaded from is no longer its own
             return None
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -526,6 +542,209 @@ class Detector:
         )
         return cal
 
+    # ----------------------------------------------------------------- adding normal images
+
+    def add_normal(self, images: ImageInput, progress: bool = False) -> dict[str, Any]:
+        """Add approved normal images to the trained detector without training its networks.
+
+        Their patch vectors (``f_agg`` of the teaching monitor, rebuilt as :meth:`fit` built
+        it) join the prototype: K is chosen anew over the old prototypes and the new patches
+        by the same greedy k-center rule, keeping ``M = coreset_size(min(bank, max_bank))``
+        prototypes for the bank of all training images, old and new, which is the ``M`` that
+        :meth:`fit` on all of them would keep. The scaling and thresholds are then recomputed
+        over all training images, each without its own prototypes. Teacher and student are
+        not touched. Images already in the training list are skipped with a warning. When an
+        image cannot be read, nothing changes. :meth:`save` writes the result.
+
+        Args:
+            images: the new normal images (paths or Sample records), or a folder of them.
+            progress: show progress bars.
+
+        Returns:
+            ``{"added": [absolute paths], "skipped": [already in the run], "prototypes_before":
+            M0, "prototypes_after": M1, "bank_size": patch vectors of all training images,
+            "calibration_before": {...}, "calibration": {...}}``.
+
+        Raises:
+            ConfigError: the run has no prototype (``prototype.enabled`` is false).
+            ImageError: a new image, or a training image needed for the calibration, cannot
+                be read (every bad file is named).
+            WeightsError: the monitor cannot be rebuilt, or does not reproduce K.
+        """
+        self._require_fitted()
+        if self.prototype is None:
+            raise ConfigError(
+                "prototype.enabled is false in this run: it has no knowledge prototype for "
+                "add-normal to extend; retrain with the new images instead"
+            )
+        added, skipped = self._new_images(images)
+        before = (self.prototype, self.calibration, self.train_images)
+        summary = {
+            "added": added,
+            "skipped": skipped,
+            "prototypes_before": len(self.prototype.vectors),
+            "prototypes_after": len(self.prototype.vectors),
+            "bank_size": self._bank_size(),
+            "calibration_before": self.calibration.to_dict(),
+            "calibration": self.calibration.to_dict(),
+        }
+        if not added:
+            logger.warning("add-normal: no new image; the run is left as it was")
+            return summary
+        validate_images(added)
+        everything = self._readable_training_images(added)
+
+        prototype = self._extended_prototype(added, everything, progress)
+        self.prototype, self.train_images = prototype, [*self.train_images, *added]
+        try:
+            self.calibrate(everything, progress=progress)
+        except BaseException:
+            self.prototype, self.calibration, self.train_images = before
+            raise
+        self.history.append(
+            {
+                "event": "add-normal",
+                "time": _now(),
+                "images": added,
+                "prototypes_before": summary["prototypes_before"],
+                "prototypes_after": len(prototype.vectors),
+            }
+        )
+        summary["prototypes_after"] = len(prototype.vectors)
+        summary["bank_size"] = self._bank_size()
+        summary["calibration"] = self.calibration.to_dict()
+        return summary
+
+    def _new_images(self, images: ImageInput) -> tuple[list[str], list[str]]:
+        """Absolute paths of the images not yet in the training list, and of those that are."""
+        items = _image_list(images)
+        if len(items) == 0:
+            raise DatasetError("no images were given")
+        known = {Path(p).resolve() for p in self.train_images}
+        added, skipped = [], []
+        for item in items:
+            path = _path_of(item)
+            key = path.resolve()
+            (skipped if key in known else added).append(str(path.absolute()))
+            known.add(key)
+        if skipped:
+            logger.warning(
+                "add-normal: %d image(s) already in the run's training images, skipped: %s",
+                len(skipped),
+                ", ".join(skipped),
+            )
+        return added, skipped
+
+    def _readable_training_images(self, added: list[str]) -> ImageDataset:
+        """All training images, old then new; the old ones must still be readable."""
+        try:
+            validate_images(self.train_images)
+        except ImageError as err:
+            raise ImageError(
+                "add-normal recomputes the scaling and thresholds on every training image of "
+                f"the run (meta.json train_images), so they must stay readable: {err}"
+            ) from err
+        return ImageDataset([*self.train_images, *added], self.image_size)
+
+    def _extended_prototype(
+        self, added: list[str], everything: ImageDataset, progress: bool
+    ) -> Prototype:
+        """K re-selected over the old prototypes and the monitor's patches of ``added``."""
+        cfg = self.config
+        monitor = self._rebuild_monitor()
+        self._check_monitor(monitor, everything)
+        first = len(self.train_images)
+        batches = (
+            {"image": b["image"], "index": b["index"] + first}
+            for b in self._loader(ImageDataset(added, self.image_size))
+        )
+        vectors, provenance, grid = monitor_bank(
+            monitor, batches, cfg.prototype, self.device, cfg.train.seed, progress
+        )
+        del monitor
+        if tuple(grid) != tuple(self.prototype.grid):
+            raise CheckpointError(
+                f"the new images give a {grid} prototype grid, the run's prototype has "
+                f"{self.prototype.grid}: the run folder does not match its config.yaml"
+            )
+
+        bank = len(everything) * grid[0] * grid[1]
+        m = coreset_size(min(bank, cfg.prototype.max_bank), cfg.prototype)
+        m = min(m, len(self.prototype.vectors) + len(vectors))
+        logger.info(
+            "add-normal: %d new images, %d patch vectors; prototype re-selected over %d old "
+            "prototypes and the new patches: M = %d for a bank of %d patch vectors",
+            len(added),
+            len(vectors),
+            len(self.prototype.vectors),
+            m,
+            bank,
+        )
+        return reselect_prototype(
+            self.prototype,
+            vectors,
+            provenance,
+            m,
+            cfg.prototype,
+            seed=cfg.train.seed,
+            progress=progress,
+            device=self.device,
+        )
+
+    def _rebuild_monitor(self) -> nn.Module:
+        """The teaching monitor as :meth:`fit` built it, frozen, on this detector's device.
+
+        A ``random:`` backbone is drawn right after seeding with ``train.seed``, as in fit; the
+        caller's random state is left as it was.
+        """
+        model = self.config.model
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.config.train.seed)
+                monitor = create_backbone(
+                    model.backbone, weights=model.weights, download=model.download_weights
+                )
+        except WeightsError as err:
+            raise WeightsError(
+                "add-normal needs the teaching monitor, the pretrained backbone the prototype "
+                f"was built from (model.backbone={model.backbone!r} in {runio.CONFIG_FILE}), "
+                f"and cannot rebuild it: {err}"
+            ) from err
+        return _place(monitor, self.device).eval().requires_grad_(False)
+
+    def _check_monitor(self, monitor: nn.Module, everything: ImageDataset) -> None:
+        """Refuse a monitor that does not give back the stored prototypes of one image.
+
+        Other weights than those K was built from would put the new patches in another feature
+        space than the old prototypes. The owner of the first prototype is recomputed; float16
+        storage and another device stay far inside the 1% tolerance.
+        """
+        provenance = self.prototype.provenance
+        owner = int(provenance[0, 0])
+        rows = provenance[:, 0] == owner
+        x = everything[owner]["image"].unsqueeze(0)
+        with torch.inference_mode():
+            agg = f_agg(monitor(_channels_last(x, self.device)), self.config.prototype)
+        agg = agg[0].float().cpu()
+        recomputed = agg[:, provenance[rows, 1], provenance[rows, 2]].T  # [k, D]
+        stored = self.prototype.vectors[rows].float()
+        error = float((recomputed - stored).abs().max())
+        scale = float(stored.abs().max())
+        if not error <= 0.01 * scale + 1e-3:
+            raise WeightsError(
+                f"the teaching monitor rebuilt from model.backbone={self.config.model.backbone!r} "
+                f"(weights: {monitor.weights_source}) does not reproduce the run's prototypes "
+                f"(largest difference {error:.3g} for values up to {scale:.3g}, on "
+                f"{self.train_images[owner]}); the run was built with other weights "
+                f"({self.weights_source or 'unknown'}): make them available as "
+                f"model.weights in {runio.CONFIG_FILE}"
+            )
+
+    def _bank_size(self) -> int:
+        """Patch vectors of all training images: the bank that M is measured against."""
+        h, w = self.prototype.grid
+        return len(self.train_images) * h * w
+
     # ------------------------------------------------------------------------------ scoring
 
     @torch.inference_mode()
@@ -662,11 +881,12 @@ class Detector:
             "backbone": self.config.model.backbone,
             "weights_source": self.weights_source,
             "variant": self.config.model.variant,
-            "epochs_done": len(self.epoch_logs) or None,
+            "epochs_done": len(self.epoch_logs) or self._epochs_done,
             "calibration": self.calibration.to_dict(),
             "kp_scale": self.kp_scale,
             "prototype_grid": None if self.prototype is None else list(self.prototype.grid),
             "prototype_size": None if self.prototype is None else len(self.prototype.vectors),
+            "prototype_bank_size": None if self.prototype is None else self._bank_size(),
             "train_images": self.train_images,
             "history": self.history,
         }
@@ -692,6 +912,9 @@ class Detector:
         detector.train_images = list(meta.get("train_images", []))
         detector.history = list(meta.get("history", []))
         detector.weights_source = meta.get("weights_source", "")
+        detector._epochs_done = meta.get("epochs_done")
+        # Saving back into this folder (add_normal) keeps the run's checkpoint, logs and source.
+        detector._run_dir = run_dir
         return detector
 
     def _network_tensors(self) -> dict[str, Tensor]:

@@ -754,13 +754,9 @@ def build_prototype(
         The prototype, on the CPU.
     """
     device = torch.device(device)
-    monitor.eval()
-    grids: list[tuple[int, int]] = []
-    batches = _aggregated(monitor, loader, cfg, device, grids, progress)
-    bank, provenance = build_bank(batches, cfg, seed=seed)
+    bank, provenance, (h, w) = monitor_bank(monitor, loader, cfg, device, seed, progress)
 
     m = coreset_size(len(bank), cfg)
-    h, w = grids[0]
     logger.info(
         "prototype: bank of %d patch vectors x %d dims (%.1f MiB float16); M = %d prototypes; "
         "search costs %.2e multiply-adds per image (%d x %d patches)",
@@ -776,6 +772,80 @@ def build_prototype(
         bank, m, cfg.projection_dim, cfg.chunk_size, seed=seed, progress=progress, device=device
     )
     return Prototype(bank[chosen].clone(), provenance[chosen].clone(), (h, w))
+
+
+def monitor_bank(
+    monitor: nn.Module,
+    loader: Iterable[dict[str, Tensor]],
+    cfg: PrototypeConfig,
+    device: torch.device | str,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[Tensor, Tensor, tuple[int, int]]:
+    """The patch bank of the monitor's ``f_agg`` over every image the loader yields.
+
+    Args:
+        monitor: the teaching monitor, put in eval mode here (frozen BatchNorm statistics).
+        loader: yields dicts with ``"image" [B, 3, H, W]`` in [0, 1] and ``"index" [B]``, the
+            index each image has in the run's training list (it becomes the provenance).
+        cfg: the prototype options.
+        device: where the monitor runs.
+        seed: seed of the subsample above ``cfg.max_bank``.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        ``bank [N, D]`` float16, ``provenance [N, 3]`` int64 (both on the CPU) and the
+        prototype grid ``(h, w)``.
+    """
+    monitor.eval()
+    grids: list[tuple[int, int]] = []
+    batches = _aggregated(monitor, loader, cfg, torch.device(device), grids, progress)
+    bank, provenance = build_bank(batches, cfg, seed=seed)
+    return bank, provenance, grids[0]
+
+
+def reselect_prototype(
+    prototype: Prototype,
+    vectors: Tensor,
+    provenance: Tensor,
+    m: int,
+    cfg: PrototypeConfig,
+    seed: int = 0,
+    progress: bool = True,
+    device: torch.device | str | None = None,
+) -> Prototype:
+    """K chosen anew over the old prototypes and new patch vectors, by the same coreset rule.
+
+    The greedy k-center selection of :func:`build_prototype` (same projection and seed) runs
+    over the union, so an old prototype stays when it still covers a region no new patch
+    covers better; each chosen row keeps its provenance.
+
+    Args:
+        prototype: the current K, ``[M0, D]``.
+        vectors: ``[N, D]`` new patch vectors (float16 in cpkp) on the prototype's grid.
+        provenance: ``[N, 3]`` int64 (training image index, grid y, grid x) of ``vectors``.
+        m: prototypes to keep, ``1 <= m <= M0 + N``.
+        cfg: the prototype options (``projection_dim``, ``chunk_size``).
+        seed: seed of the projection (the run's ``train.seed``, as when K was built).
+        progress: show a tqdm progress bar.
+        device: where the selection runs.
+
+    Returns:
+        The new prototype ``[m, D]`` on the CPU, rows in selection order.
+    """
+    if vectors.dim() != 2 or vectors.shape[1] != prototype.vectors.shape[1]:
+        raise ValueError(
+            f"new patch vectors must be [N, {prototype.vectors.shape[1]}], "
+            f"got {list(vectors.shape)}"
+        )
+    if provenance.shape != (len(vectors), 3):
+        raise ValueError(f"provenance must be [{len(vectors)}, 3], got {list(provenance.shape)}")
+    union = torch.cat([prototype.vectors, vectors.to(prototype.vectors.dtype)])
+    origin = torch.cat([prototype.provenance, provenance.to(torch.int64)])
+    chosen = greedy_coreset(
+        union, m, cfg.projection_dim, cfg.chunk_size, seed=seed, progress=progress, device=device
+    )
+    return Prototype(union[chosen].clone(), origin[chosen].clone(), prototype.grid)
 
 
 def _aggregated(
