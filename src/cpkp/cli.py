@@ -425,15 +425,12 @@ def _cell(value: Any) -> str:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from cpkp.api import Detector
     from cpkp.data.images import load_image
 
-    run = Path(args.run)
-    runio.check_run_dir(run)
     paths = _expand_inputs(args.paths)
     if not paths:
         raise ConfigError("no image files found in the given paths")
-    detector = Detector.load(run)
+    predict, pixel_threshold, step = _predictor(args)
     out = Path(args.out)
     good, failed = [], []
     for path in paths:
@@ -445,11 +442,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"cpkp: skipped {err}", file=sys.stderr)
 
     rows = []
-    step = detector.config.train.batch_size
     for start in range(0, len(good), step):
         # predict raises on a NaN or infinite score before anything of this batch is written
-        for pred in detector.predict(good[start : start + step]):
-            _write_prediction(detector, pred, out)
+        for pred in predict(good[start : start + step]):
+            _write_prediction(pixel_threshold, pred, out)
             rows.append([pred.path, f"{pred.score:.6g}", int(pred.is_anomalous)])
             print(f"{pred.path}\t{pred.score:.4f}\t{'ANOMALOUS' if pred.is_anomalous else 'ok'}")
     runio.write_text(out / "predictions.csv", _predictions_csv(rows, failed))
@@ -462,7 +458,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_prediction(detector, pred, out: Path) -> None:
+def _predictor(args: argparse.Namespace):
+    """``predict(paths)``, the pixel threshold and the batch size of --run or of --model."""
+    if args.model is not None:
+        from cpkp.export import OnnxDetector
+
+        runner = OnnxDetector(args.model)
+        return runner.predict, runner.pixel_threshold, runner.batch_size
+
+    from cpkp.api import Detector
+
+    run = Path(args.run)
+    runio.check_run_dir(run)
+    detector = Detector.load(run)
+    pixel_threshold = detector.calibration.pixel_threshold
+    return detector.predict, pixel_threshold, detector.config.train.batch_size
+
+
+def _write_prediction(pixel_threshold: float, pred, out: Path) -> None:
     """The heat map and the thresholded mask of one prediction, as PNGs under ``out``."""
     from PIL import Image
 
@@ -471,7 +484,7 @@ def _write_prediction(detector, pred, out: Path) -> None:
 
     stem = Path(pred.path).stem
     image = load_image(pred.path)
-    hi = max(detector.calibration.pixel_threshold * 1.5, float(pred.map.max()))
+    hi = max(pixel_threshold * 1.5, float(pred.map.max()))
     lo = float(np.percentile(pred.map, 1))
     heat = blend(image, colorize(pred.map, lo, hi))
     runio.atomic_write(
@@ -493,6 +506,44 @@ def _predictions_csv(rows: list[list[Any]], failed: list[str]) -> str:
     return buffer.getvalue()
 
 
+def cmd_add_normal(args: argparse.Namespace) -> int:
+    from cpkp.api import Detector
+
+    run = Path(args.run)
+    runio.check_run_dir(run)
+    paths = _expand_inputs(args.paths)
+    if not paths:
+        raise ConfigError("no image files found in the given paths")
+    detector = Detector.load(run)
+    start = time.perf_counter()
+    # Every image is checked and everything computed before the run folder is touched.
+    summary = detector.add_normal(paths, progress=not args.quiet)
+    for path in summary["skipped"]:
+        print(f"skipped, already a training image of the run: {path}")
+    if not summary["added"]:
+        print(f"no new image: {run} left as it was")
+        return 0
+
+    _log_to_file(run / runio.LOG_FILE)
+    stale = [name for name in runio.TEST_FILES if (run / name).is_file()]
+    stale += [runio.OVERLAYS_DIR] if (run / runio.OVERLAYS_DIR).is_dir() else []
+    logger.info("add-normal: %s", ", ".join(summary["added"]))
+    detector.save(run)
+    before, after = summary["calibration_before"], summary["calibration"]
+    print(
+        f"added {len(summary['added'])} normal image(s) to {run} in "
+        f"{time.perf_counter() - start:.1f} s; teacher and student unchanged"
+    )
+    print(f"prototypes: {summary['prototypes_before']} -> {summary['prototypes_after']}")
+    print(
+        f"image threshold: {before['image_threshold']:.4g} -> {after['image_threshold']:.4g}; "
+        f"pixel threshold: {before['pixel_threshold']:.4g} -> {after['pixel_threshold']:.4g}"
+    )
+    if stale:
+        print(f"removed stale test outputs: {', '.join(stale)}; rerun `cpkp test --run {run}`")
+    return 0
+
+
 def _expand_inputs(items: list[str]) -> list[Path]:
     from cpkp.data.readers import list_images
 
@@ -510,6 +561,15 @@ def _expand_inputs(items: list[str]) -> list[Path]:
 
 def _opt_path(value: str | None) -> Path | None:
     return None if value is None else Path(value)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from cpkp.export import META_FILE, export_onnx
+
+    path = export_onnx(args.run, args.out)
+    size = path.stat().st_size / 1e6
+    print(f"exported {path} ({size:.1f} MB) and {path.with_name(META_FILE)}")
+    return 0
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
@@ -671,10 +731,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "predict", help="score images or folders with a trained run", formatter_class=fmt
     )
-    p.add_argument("--run", required=True, help="run folder written by `cpkp train`")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--run", help="run folder written by `cpkp train`")
+    model.add_argument(
+        "--model",
+        help="model.onnx written by `cpkp export`, run with onnxruntime (its model.json must "
+        "lie beside it)",
+    )
     p.add_argument("paths", nargs="+", help="image files or folders")
     p.add_argument("--out", default="predictions", help="folder for heat maps, masks and CSV")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "export",
+        help="export a trained run as one ONNX graph (image to score and map)",
+        formatter_class=fmt,
+    )
+    p.add_argument("--run", required=True, help="run folder written by `cpkp train`")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="export format")
+    p.add_argument("--out", help="folder for model.onnx and model.json (default: RUN/export)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "add-normal",
+        help="add approved normal images to a trained run without retraining its networks",
+        formatter_class=fmt,
+    )
+    p.add_argument("--run", required=True, help="run folder written by `cpkp train`")
+    p.add_argument(
+        "paths",
+        nargs="+",
+        help="normal image files or folders; images already in the run are skipped",
+    )
+    p.set_defaults(func=cmd_add_normal)
 
     p = sub.add_parser(
         "demo", help="build the demo data, train and test CPKP(RD) on it", formatter_class=fmt
