@@ -136,3 +136,13 @@ def test_parser_knows_every_command():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert set(COMMANDS) <= set(sub.choices)
+
+
+def test_predict_output_names_stay_unique_when_stems_repeat():
+    from pathlib import Path
+
+    from cpkp.cli import _output_names
+
+    paths = [Path("good/000.png"), Path("bad/000.png"), Path("bad/000.jpg"), Path("x/000-2.png")]
+    names = _output_names(paths)
+    assert [names[str(p)] for p in paths] == ["000", "000-2", "000-3", "000-2-2"]

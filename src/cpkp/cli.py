@@ -441,12 +441,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
             failed.append(str(path))
             print(f"cpkp: skipped {err}", file=sys.stderr)
 
+    names = _output_names(good)
     rows = []
     for start in range(0, len(good), step):
         # predict raises on a NaN or infinite score before anything of this batch is written
-        for pred in predict(good[start : start + step]):
-            _write_prediction(pixel_threshold, pred, out)
-            rows.append([pred.path, f"{pred.score:.6g}", int(pred.is_anomalous)])
+        batch = good[start : start + step]
+        for path, pred in zip(batch, predict(batch)):
+            name = names[str(path)]
+            _write_prediction(pixel_threshold, pred, out, name)
+            rows.append(
+                [
+                    pred.path,
+                    f"{pred.score:.6g}",
+                    int(pred.is_anomalous),
+                    f"{name}_heatmap.png",
+                    f"{name}_mask.png",
+                ]
+            )
             print(f"{pred.path}\t{pred.score:.4f}\t{'ANOMALOUS' if pred.is_anomalous else 'ok'}")
     runio.write_text(out / "predictions.csv", _predictions_csv(rows, failed))
     print(f"{len(rows)} images scored, {len(failed)} unreadable; results in {out}")
@@ -475,34 +486,51 @@ def _predictor(args: argparse.Namespace):
     return detector.predict, pixel_threshold, detector.config.train.batch_size
 
 
-def _write_prediction(pixel_threshold: float, pred, out: Path) -> None:
+def _output_names(paths: list[Path]) -> dict[str, str]:
+    """A file-name stem per input, unique: ``part`` or, when stems repeat, ``part-2``, ``part-3``.
+
+    Inputs from different folders often share a name (``good/000.png``, ``bad/000.png``); each
+    gets its own heat map and mask, and predictions.csv says which is whose.
+    """
+    names: dict[str, str] = {}
+    taken: set[str] = set()
+    for path in paths:
+        stem, name, k = Path(path).stem, Path(path).stem, 1
+        while name in taken:
+            k += 1
+            name = f"{stem}-{k}"
+        taken.add(name)
+        names[str(path)] = name
+    return names
+
+
+def _write_prediction(pixel_threshold: float, pred, out: Path, name: str) -> None:
     """The heat map and the thresholded mask of one prediction, as PNGs under ``out``."""
     from PIL import Image
 
     from cpkp.data.images import load_image
     from cpkp.report import blend, colorize
 
-    stem = Path(pred.path).stem
     image = load_image(pred.path)
     hi = max(pixel_threshold * 1.5, float(pred.map.max()))
     lo = float(np.percentile(pred.map, 1))
     heat = blend(image, colorize(pred.map, lo, hi))
     runio.atomic_write(
-        out / f"{stem}_heatmap.png", lambda t, a=heat: Image.fromarray(a).save(t, "PNG")
+        out / f"{name}_heatmap.png", lambda t, a=heat: Image.fromarray(a).save(t, "PNG")
     )
     mask = (pred.mask * 255).astype(np.uint8)
     runio.atomic_write(
-        out / f"{stem}_mask.png", lambda t, a=mask: Image.fromarray(a).save(t, "PNG")
+        out / f"{name}_mask.png", lambda t, a=mask: Image.fromarray(a).save(t, "PNG")
     )
 
 
 def _predictions_csv(rows: list[list[Any]], failed: list[str]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["path", "score", "prediction"])
+    writer.writerow(["path", "score", "prediction", "heatmap", "mask"])
     writer.writerows(rows)
     for path in failed:
-        writer.writerow([path, "", "unreadable"])
+        writer.writerow([path, "", "unreadable", "", ""])
     return buffer.getvalue()
 
 
