@@ -625,3 +625,90 @@ def test_demo_data_names_a_bundled_photo_it_cannot_read(tmp_path, monkeypatch):
         load_photo(Photo("photos_pkg", "broken.png", "L"))
     with pytest.raises(DatasetError, match="photos_pkg/gone.png: photo not found"):
         load_photo(Photo("photos_pkg", "gone.png", "L"))
+
+
+# ------------------------------------------------ found by the second fresh-user trial
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("--backbone", "resnet999"),
+        ("--backbone", "resnet18", "--weights", "/no/such/weights.pth"),
+        ("--device", "cuda:9"),
+        ("--set", "prototype.channels_per_level=200"),
+    ],
+)
+def test_force_with_a_setting_that_cannot_start_keeps_the_old_run(trained, run_copy, capsys, extra):
+    _, data, _ = trained
+    before = _snapshot(run_copy)
+    _fails(_train_argv(data, run_copy, "--force", *extra), capsys)
+    assert _snapshot(run_copy) == before
+
+
+def test_a_run_without_checkpoint_points_to_force(trained, tmp_path, capsys):
+    _, data, _ = trained
+    out = tmp_path / "half"
+    out.mkdir()
+    (out / runio.CONFIG_FILE).write_text("{}")
+    line = _fails(_train_argv(data, out), capsys)
+    assert "no checkpoint to resume from" in line and "--force" in line
+
+
+def test_disk_errors_are_one_line(trained, tmp_path, capsys):
+    _, data, run = trained
+    target = tmp_path / "a-file"
+    target.write_text("not a folder")
+    image = next((data / "cat" / "test" / "good").iterdir())
+    line = _fails(["-q", "predict", "--run", str(run), str(image), "--out", str(target)], capsys)
+    assert str(target) in line
+
+
+def test_a_test_without_overlays_removes_the_previous_tests_overlays(trained, run_copy, capsys):
+    assert main(["-q", "test", "--run", str(run_copy), "--no-report"]) == 0
+    assert list((run_copy / runio.OVERLAYS_DIR).glob("*.png"))
+    assert main(["-q", "test", "--run", str(run_copy), "--no-overlays", "--no-report"]) == 0
+    assert not (run_copy / runio.OVERLAYS_DIR).exists()
+    assert (run_copy / runio.METRICS_FILE).is_file()
+
+
+def test_benchmark_checks_categories_and_takes_an_alpha_list(tmp_path, monkeypatch, capsys):
+    from cpkp import benchmark
+
+    root = _mvtec(tmp_path / "data")
+    line = _fails(
+        [
+            "-q",
+            "benchmark",
+            "--dataset",
+            "mvtec",
+            "--root",
+            str(root),
+            "--categories",
+            "cat,bottle",
+            "--out",
+            str(tmp_path / "b"),
+        ],
+        capsys,
+    )
+    assert "bottle not found" in line and "found: cat" in line
+    assert not (tmp_path / "b").exists()
+
+    seen = []
+    monkeypatch.setattr(benchmark, "run_job", lambda job, progress=False: seen.append(job) or {})
+    argv = [
+        "-q",
+        "benchmark",
+        "--dataset",
+        "mvtec",
+        "--root",
+        str(root),
+        "--variants",
+        "cpkp-rd",
+        "--alpha",
+        "0.9,0.99",
+        "--out",
+        str(tmp_path / "b"),
+    ]
+    assert main(argv) == 0
+    assert [job.config["train"]["alpha"] for job in seen] == [0.9, 0.99]

@@ -47,6 +47,7 @@ from cpkp.models import create_student
 from cpkp.prototype import (
     Prototype,
     build_prototype,
+    check_prototype_width,
     coreset_size,
     f_agg,
     monitor_bank,
@@ -192,10 +193,14 @@ class Detector:
         """
         cfg = self.config
         dataset = self._training_dataset(images)
-        run_dir = self._start_run_dir(run_dir, source)
         seed_everything(cfg.train.seed)
-
+        # Weights, device and prototype width fail here, before run_dir (and a run being
+        # replaced there) is touched; starting the folder uses no random numbers.
         monitor = self._build_networks()
+        if cfg.prototype.enabled:
+            check_prototype_width(monitor.channels, cfg.prototype)
+        run_dir = self._start_run_dir(run_dir, source)
+
         if cfg.prototype.enabled:
             self.prototype = build_prototype(
                 monitor,
@@ -415,6 +420,23 @@ class Detector:
         }
         write_checkpoint(run_dir, tensors | student_t | teacher_t | rng_t, meta)
         logger.info("checkpoint after epoch %d written to %s", epoch, run_dir)
+
+    def check_networks(self) -> None:
+        """Build the backbone once to check its weights and the prototype width; keep nothing.
+
+        Raises:
+            WeightsError: the backbone's weights cannot be found or do not fit.
+            ConfigError: ``prototype.channels_per_level`` exceeds a level's channels.
+        """
+        cfg = self.config
+        backbone = create_backbone(
+            cfg.model.backbone,
+            weights=cfg.model.weights,
+            download=cfg.model.download_weights,
+            quiet=True,
+        )
+        if cfg.prototype.enabled:
+            check_prototype_width(backbone.channels, cfg.prototype)
 
     def _build_networks(self) -> nn.Module:
         """Monitor (frozen pretrained backbone), teacher (its trainable copy) and student."""

@@ -233,12 +233,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     splits = read_split(args)
     # Every input is checked before the run folder is touched, so a bad file changes nothing.
     validate_images(splits.train + (splits.test if args.test else []))
-    if args.force:
+    detector = Detector(config)  # an unavailable device fails here
+    if args.force and runio.run_markers(out):
+        detector.check_networks()  # and missing weights here, before the old run is removed
         _remove_old_run(out)
 
     _log_to_file(out / runio.LOG_FILE)
     logger.info("dataset: %s", splits.describe())
-    detector = Detector(config)
     start = time.perf_counter()
     detector.fit(splits.train, run_dir=out, progress=not args.quiet, source=_source_of(args))
     print(f"trained in {time.perf_counter() - start:.1f} s; run saved to {out}")
@@ -253,25 +254,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _remove_old_run(out: Path) -> None:
+    """--force: delete the previous run's cpkp files (runio.RUN_FILES, overlays), nothing else."""
+    removed = runio.remove_run_files(out, runio.RUN_FILES, overlays=True)
+    logger.info("--force: removed %d files of the previous run in %s", len(removed), out)
+
+
 def _check_out_folder(out: Path, force: bool) -> None:
     """Refuse an --out that is a file, or that holds a run unless --force."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: is a file, not a folder")
     found = runio.run_markers(out) if out.is_dir() else []
     if found and not force:
+        names = ", ".join(p.name for p in found)
+        if (out / runio.CHECKPOINT_FILE).exists():
+            hint = f"continue it with `cpkp train --resume {out}`, replace it with --force"
+        else:
+            hint = "it has no checkpoint to resume from: replace it with --force"
         raise ConfigError(
-            f"--out {out}: already holds a cpkp run ({', '.join(p.name for p in found)}); "
-            f"continue it with `cpkp train --resume {out}`, replace it with --force, or choose "
-            "another --out"
+            f"--out {out}: already holds a cpkp run ({names}); {hint}, or choose another --out"
         )
-
-
-def _remove_old_run(out: Path) -> None:
-    """--force: delete the previous run's cpkp files (runio.RUN_FILES, overlays), nothing else."""
-    if not runio.run_markers(out):
-        return
-    removed = runio.remove_run_files(out, runio.RUN_FILES, overlays=True)
-    logger.info("--force: removed %d files of the previous run in %s", len(removed), out)
 
 
 # Options that cannot change a run being resumed (it continues with its own config.yaml).
@@ -661,7 +663,13 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         categories = list_categories(args.dataset, args.root)
     else:
         categories = [c for c in args.categories.split(",") if c]
-    alphas = [_float_option("--alpha", a) for a in args.alpha.split(",")] if args.alpha else []
+        unknown = sorted(set(categories) - set(list_categories(args.dataset, args.root)))
+        if unknown:
+            raise ConfigError(
+                f"--categories: {', '.join(unknown)} not found under {args.root} (found: "
+                f"{', '.join(list_categories(args.dataset, args.root))})"
+            )
+    alphas = [_float_option("--alpha", a) for a in args.alphas.split(",")] if args.alphas else []
     out = Path(args.out)
     jobs = plan_jobs(
         args.dataset,
@@ -831,6 +839,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1, help="seeds 0 .. N-1 per combination")
     p.add_argument(
         "--alpha",
+        dest="alphas",
         help="comma-separated teacher-loss weights for an alpha sweep, e.g. 0.9,0.99,0.999 "
         "(default: the configuration's alpha only)",
     )
@@ -921,6 +930,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except CpkpError as err:
+        print(f"cpkp: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as err:
+        # A read-only or full disk, an output path that is a file: the system's own message
+        # names the file.
         print(f"cpkp: error: {err}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

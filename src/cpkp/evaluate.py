@@ -132,7 +132,14 @@ def write_outputs(
     overlays: bool,
     report: bool = True,
 ) -> None:
-    """metrics.json, scores.csv and (optionally) overlays/ and report.html under ``out_dir``."""
+    """metrics.json, scores.csv and (optionally) overlays/ and report.html under ``out_dir``.
+
+    A previous test's outputs there are removed first, so an overlay or report that is not
+    written again cannot be mistaken for this test's.
+    """
+    stale = runio.remove_run_files(out_dir, runio.TEST_FILES, overlays=True)
+    if stale:
+        logger.info("%s: removed %d files of the previous test", out_dir, len(stale))
     runio.write_json(out_dir / runio.METRICS_FILE, outputs.metrics)
     runio.write_text(out_dir / runio.SCORES_FILE, _scores_csv(detector, outputs))
     if overlays:

@@ -81,6 +81,17 @@ def f_agg(
     return _unfold(torch.cat(levels, dim=1), cfg.kernel_size, cfg.stride, cfg.padding)
 
 
+def check_prototype_width(channels: Sequence[int], cfg: PrototypeConfig) -> None:
+    """Raise ConfigError when ``prototype.channels_per_level`` exceeds a level's channels."""
+    for level, count in enumerate(channels, start=1):
+        if count < cfg.channels_per_level:
+            raise ConfigError(
+                f"prototype.channels_per_level={cfg.channels_per_level} exceeds the {count} "
+                f"channels of feature level {level}; set it to at most {min(channels)} (the "
+                "narrowest level of the backbone)"
+            )
+
+
 def _grid_size(
     feats: Sequence[Tensor], strides: Sequence[int], grid_stride: int
 ) -> tuple[int, int]:
