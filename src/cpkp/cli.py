@@ -768,11 +768,11 @@ def build_parser() -> argparse.ArgumentParser:
         "predict", help="score images or folders with a trained run", formatter_class=fmt
     )
     model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--run", help="run folder written by `cpkp train`")
+    model.add_argument("--run", help="run folder written by `cpkp train` (required unless --model)")
     model.add_argument(
         "--model",
         help="model.onnx written by `cpkp export`, run with onnxruntime (its model.json must "
-        "lie beside it)",
+        "lie beside it; required unless --run)",
     )
     p.add_argument("paths", nargs="+", help="image files or folders")
     p.add_argument("--out", default="predictions", help="folder for heat maps, masks and CSV")
