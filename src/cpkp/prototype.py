@@ -72,17 +72,19 @@ def f_agg(
             f"f_agg expects three feature maps and three strides, got "
             f"{len(feats)} maps and {len(strides)} strides"
         )
+    check_prototype_width([f.shape[1] for f in feats], cfg)
     grid = _grid_size(feats, strides, cfg.grid_stride)
     # NOTE: paper eq. 2 pools all levels at once; each level is pooled to the same width here.
-    levels = [
-        _to_grid(_pool_channels(f, cfg.channels_per_level, level), grid)
-        for level, f in enumerate(feats, start=1)
-    ]
+    levels = [_to_grid(_pool_channels(f, cfg.channels_per_level), grid) for f in feats]
     return _unfold(torch.cat(levels, dim=1), cfg.kernel_size, cfg.stride, cfg.padding)
 
 
 def check_prototype_width(channels: Sequence[int], cfg: PrototypeConfig) -> None:
-    """Raise ConfigError when ``prototype.channels_per_level`` exceeds a level's channels."""
+    """Raise ConfigError when ``prototype.channels_per_level`` exceeds a level's channels.
+
+    Repeating channels would invent information and tilt the level weights, so a width larger
+    than a level is a configuration mistake.
+    """
     for level, count in enumerate(channels, start=1):
         if count < cfg.channels_per_level:
             raise ConfigError(
@@ -102,20 +104,13 @@ def _grid_size(
     return tuple(max(1, math.ceil(s * scale)) for s in feats[0].shape[-2:])
 
 
-def _pool_channels(x: Tensor, width: int, level: int) -> Tensor:
+def _pool_channels(x: Tensor, width: int) -> Tensor:
     """Average-pool ``x: [B, C, H, W]`` over channels to ``[B, width, H, W]``.
 
     Adaptive bins (``floor(i*C/width)`` to ``ceil((i+1)*C/width)``), so ``C`` need not be a
     multiple of ``width``; neighbouring bins then share a channel.
     """
     channels = x.shape[1]
-    if channels < width:
-        # Repeating channels would invent information and tilt the level weights, so a width
-        # larger than a level is a configuration mistake.
-        raise ConfigError(
-            f"prototype.channels_per_level={width} exceeds the {channels} channels of feature "
-            f"level {level}; set it to at most {channels} (the narrowest level of the backbone)"
-        )
     if channels == width:
         return x
     return F.adaptive_avg_pool3d(x.unsqueeze(1), (width, *x.shape[-2:])).squeeze(1)
