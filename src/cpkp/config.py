@@ -310,6 +310,8 @@ def _check_train(train: TrainConfig) -> None:
         _check(0.0 <= beta < 1.0, f"train.betas[{i}]={beta}: must lie in [0, 1)")
     _check(train.momentum >= 0.0, f"train.momentum={train.momentum}: must be 0 or more")
     _check(train.weight_decay >= 0.0, f"train.weight_decay={train.weight_decay}: must be >= 0")
+    # numpy's generators take seeds in [0, 2**32); torch would wrap a negative one silently.
+    _check(0 <= train.seed < 2**32, f"train.seed={train.seed}: must lie in 0 .. 2**32 - 1")
     _check(
         DEVICE_PATTERN.fullmatch(train.device) is not None,
         f"train.device={train.device!r}: expected auto, cpu, cuda or cuda:N (N = 0, 1, ...)",
