@@ -712,3 +712,15 @@ def test_benchmark_checks_categories_and_takes_an_alpha_list(tmp_path, monkeypat
     ]
     assert main(argv) == 0
     assert [job.config["train"]["alpha"] for job in seen] == [0.9, 0.99]
+
+
+def test_data_options_the_dataset_would_ignore_are_refused(trained, run_copy, tmp_path, capsys):
+    _, data, _ = trained
+    before = _snapshot(run_copy)
+    line = _fails(["-q", "test", "--run", str(run_copy), "--normal", str(tmp_path)], capsys)
+    assert "--normal only applies to --dataset folder" in line and "here is mvtec" in line
+    assert _snapshot(run_copy) == before
+    argv = ["-q", "train", "--dataset", "folder", "--normal", str(data / "cat" / "train" / "good")]
+    line = _fails([*argv, "--category", "cat", "--out", str(tmp_path / "new")], capsys)
+    assert "--category only applies to --dataset mvtec or visa" in line
+    assert not (tmp_path / "new").exists()

@@ -192,10 +192,27 @@ def config_from_args(args: argparse.Namespace):
     return config.validate()
 
 
+_FOLDER_ONLY = ("normal", "abnormal", "masks")
+_ROOTED_ONLY = ("root", "category")
+
+
+def check_dataset_options(kind: str, args: argparse.Namespace) -> None:
+    """Refuse the data options that ``kind`` would ignore, so none is dropped silently."""
+    unused = _ROOTED_ONLY if kind == "folder" else _FOLDER_ONLY
+    given = [f"--{key}" for key in unused if getattr(args, key, None) is not None]
+    if given:
+        needs = "mvtec or visa" if kind == "folder" else "folder"
+        verb = "applies" if len(given) == 1 else "apply"
+        raise ConfigError(
+            f"{', '.join(given)} only {verb} to --dataset {needs}; the dataset here is {kind}"
+        )
+
+
 def read_split(args: argparse.Namespace):
     """The dataset named on the command line, read and checked."""
     from cpkp.data.readers import read_dataset
 
+    check_dataset_options(args.dataset, args)
     if args.dataset == "folder":
         if args.normal is None:
             raise ConfigError("--dataset folder needs --normal DIR (and optionally --abnormal)")
@@ -373,6 +390,7 @@ def cmd_test(args: argparse.Namespace) -> int:
             f"{run}: no {SOURCE_FILE} in the run (trained from Python?), so the dataset is "
             "unknown; give --dataset and its folders"
         )
+    check_dataset_options(kind, args)
     root = args.root or source.get("root")
     category = args.category or source.get("category")
     if kind == "folder":
