@@ -112,16 +112,38 @@ def _metrics(outputs: TestOutputs) -> dict[str, Any]:
     types = [s.defect_type for s in outputs.samples]
     has_masks = any(len(s.masks) > 0 for s in outputs.samples)
     result = {}
-    for part, scores in outputs.scores.items():
-        result[part] = compute_metrics(
-            scores,
-            outputs.labels,
-            maps=outputs.maps[part] if has_masks else None,
-            masks=outputs.masks if has_masks else None,
-            defect_types=types,
-            names=names,
-        )
+    # The fused score and each part meet the same undefined metric or empty mask: say it once.
+    once = _OncePerMessage()
+    metrics_logger = logging.getLogger(compute_metrics.__module__)
+    metrics_logger.addFilter(once)
+    try:
+        for part, scores in outputs.scores.items():
+            result[part] = compute_metrics(
+                scores,
+                outputs.labels,
+                maps=outputs.maps[part] if has_masks else None,
+                masks=outputs.masks if has_masks else None,
+                defect_types=types,
+                names=names,
+            )
+    finally:
+        metrics_logger.removeFilter(once)
     return result
+
+
+class _OncePerMessage(logging.Filter):
+    """Let each distinct log message through once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
 
 
 def write_outputs(
