@@ -299,7 +299,10 @@ def test_resume_with_more_epochs_trains_on(run_copy):
     assert "epochs: 2" in (run_copy / runio.CONFIG_FILE).read_text()
     log = (run_copy / runio.TRAIN_LOG).read_text().splitlines()
     assert [row.split(",")[0] for row in log[1:]] == ["1", "2"]
-    assert runio.read_json(run_copy / runio.META_FILE)["epochs_done"] == 2
+    meta = runio.read_json(run_copy / runio.META_FILE)
+    assert meta["epochs_done"] == 2
+    assert [(e["event"], e["epochs"]) for e in meta["history"]] == [("fit", 1), ("resume", 2)]
+    assert meta["history"][1]["from_epoch"] == 1
     assert runio.load_metadata(run_copy / runio.CHECKPOINT_FILE)["epoch"] == 2
 
 

@@ -17,7 +17,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,14 +25,15 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 import cpkp
-from cpkp import runio
+from cpkp import distributed, runio
 from cpkp.backbones import create_backbone
 from cpkp.config import Config, apply_overrides, load_config, load_preset
 from cpkp.data.dataset import ImageDataset, validate_images
+from cpkp.data.images import load_roi
 from cpkp.data.readers import list_images
 from cpkp.data.records import Sample
 from cpkp.errors import (
@@ -43,6 +44,16 @@ from cpkp.errors import (
     ScoringError,
     WeightsError,
 )
+from cpkp.geometry import (
+    Geometry,
+    Layout,
+    region_max,
+    resize_nearest,
+    stitch,
+    to_image_size,
+    to_views,
+    valid_views,
+)
 from cpkp.models import create_student
 from cpkp.prototype import (
     Prototype,
@@ -50,8 +61,10 @@ from cpkp.prototype import (
     check_prototype_width,
     coreset_size,
     f_agg,
+    merge_banks,
     monitor_bank,
     reselect_prototype,
+    select_prototype,
 )
 from cpkp.scoring import (
     Calibration,
@@ -60,12 +73,12 @@ from cpkp.scoring import (
     image_scores,
     kd_map,
     kp_map,
-    resize_maps,
     robust_scale,
 )
 from cpkp.training import (
     CoProgressionTrainer,
     EpochLog,
+    average_running_stats,
     check_finite,
     recalibrate_batchnorm,
 )
@@ -74,6 +87,7 @@ logger = logging.getLogger(__name__)
 
 ImageSource = Sample | str | Path
 ImageInput = Sequence[ImageSource] | str | Path  # a list of images, or one folder of images
+ROI_TENSOR = "roi.mask"  # the region of interest, [H, W] uint8, beside the weights
 
 
 @dataclass
@@ -103,16 +117,58 @@ class Prediction:
     score: float
     is_anomalous: bool  # score > image threshold: a score equal to it counts as normal
     map: np.ndarray  # [H, W] float32 at the image's own size
-    mask: np.ndarray  # [H, W] bool, map > pixel threshold
+    mask: np.ndarray  # [H, W] bool, map > pixel threshold (inside the region of interest)
+
+
+@dataclass
+class ImageMaps:
+    """One image's smoothed maps on its canvas, the image at the model's scale.
+
+    Attributes:
+        index: the image's position in the input list.
+        path: the image file, or ``tensor[i]``.
+        layout: the image's views and canvas (:class:`cpkp.geometry.Layout`).
+        maps: part -> [1, h, w] on the canvas: ``"fused"`` always; ``"kd"`` and ``"kp"``
+            (smoothed, raw units) when they were asked for.
+        roi: the run's region of interest at its own size, [Hr, Wr] bool, or None.
+        kp_index: [gh, gw] nearest prototype per grid cell, for squashed images only (the grid
+            then covers the model-size map), or None.
+    """
+
+    index: int
+    path: str
+    layout: Layout
+    maps: dict[str, Tensor]
+    roi: Tensor | None = None
+    kp_index: Tensor | None = None
+
+    def roi_at(self, size: tuple[int, int]) -> Tensor | None:
+        """The region of interest resized (nearest neighbour) to ``size``, or None."""
+        return None if self.roi is None else resize_nearest(self.roi, size)
+
+    def score(self, part: str = "fused") -> float:
+        """Image score: the maximum of the canvas map inside the region of interest."""
+        return float(region_max(self.maps[part], self.roi_at(self.layout.canvas))[0])
+
+    def map_at(self, size: tuple[int, int], part: str = "fused") -> Tensor:
+        """The map resized to ``size`` [H, W], zero outside the region of interest."""
+        amap = to_image_size(self.maps[part], size)[0]
+        roi = self.roi_at(size)
+        return amap if roi is None else amap * roi
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present, else the CPU; anything else is passed to torch."""
+    """``auto`` picks CUDA when present, else the CPU; anything else is passed to torch.
+
+    Under torchrun, ``auto`` and ``cuda`` mean the GPU of this process's ``LOCAL_RANK``.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.local_device(
+            torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        )
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name!r} but CUDA is not available on this machine")
-    return torch.device(name)
+    return distributed.local_device(torch.device(name))
 
 
 def seed_everything(seed: int) -> None:
@@ -141,6 +197,8 @@ class Detector:
         self.history: list[dict[str, Any]] = []
         self.epoch_logs: list[EpochLog] = []
         self.weights_source = ""
+        self.roi: Tensor | None = None  # [H, W] bool region of interest (data.roi), stored
+        self._train_views: int | None = None  # model inputs of the training images (tiles)
         self._run_dir: Path | None = None  # the run folder it trains into or was loaded from
         self._epochs_done: int | None = None  # as read by load(), which has no epoch logs
 
@@ -159,6 +217,11 @@ class Detector:
         return self.config.data.image_size
 
     @property
+    def geometry(self) -> Geometry:
+        """How images become model inputs (data.resize, data.tile; cpkp.geometry)."""
+        return Geometry.from_config(self.config.data)
+
+    @property
     def is_fitted(self) -> bool:
         return self.teacher is not None and self.student is not None
 
@@ -175,7 +238,9 @@ class Detector:
         """Train on normal images: build the prototype, co-progress, calibrate.
 
         Every image is checked before anything is written, so a bad file leaves ``run_dir``
-        as it was.
+        as it was. Under torchrun every process calls this with the same arguments: each
+        trains on its share of the images, and only rank 0 writes ``run_dir`` and shows
+        progress (docs/scaling.md).
 
         Args:
             images: normal training images (Sample records or paths), or a folder of them.
@@ -192,6 +257,8 @@ class Detector:
             One :class:`EpochLog` per epoch.
         """
         cfg = self.config
+        distributed.init_from_env(self.device)
+        progress = progress and distributed.is_main()
         dataset = self._training_dataset(images)
         seed_everything(cfg.train.seed)
         # Weights, device and prototype width fail here, before run_dir (and a run being
@@ -202,15 +269,9 @@ class Detector:
         run_dir = self._start_run_dir(run_dir, source)
 
         if cfg.prototype.enabled:
-            self.prototype = build_prototype(
-                monitor,
-                self._loader(dataset, shuffle=False),
-                cfg.prototype,
-                self.device,
-                seed=cfg.train.seed,
-                progress=progress,
-            )
+            self.prototype = self._build_prototype(monitor, dataset, progress)
             self.kp_scale = self._kp_scale() if cfg.train.kp_normalise else 1.0
+            self.kp_scale = distributed.broadcast_object(self.kp_scale)
         del monitor
 
         trainer = self._trainer()
@@ -235,12 +296,16 @@ class Detector:
         run_dir = Path(run_dir)
         tensors, meta = read_checkpoint(run_dir)
         detector = cls(load_config(run_dir / runio.CONFIG_FILE))
+        distributed.init_from_env(detector.device)
         detector._restore_networks(tensors, run_dir)
         detector.train_images = list(meta["train_images"])
         detector.kp_scale = float(meta["kp_scale"])
         detector.weights_source = meta["weights_source"]
         detector.epoch_logs = [EpochLog(**log) for log in meta["epoch_logs"]]
         detector._run_dir = run_dir
+        if (run_dir / runio.META_FILE).is_file():
+            # A finished run trained on (--epochs): its history so far stays on record.
+            detector.history = list(runio.read_meta(run_dir).get("history", []))
         dataset = detector._training_dataset(detector.train_images)
 
         trainer = detector._trainer()
@@ -256,11 +321,26 @@ class Detector:
         images = _image_list(images)
         if len(images) == 0:
             raise DatasetError("no training images were given")
-        self._check_batchnorm_batches(len(images))
-        dataset = ImageDataset(images, self.config.data.image_size)
-        validate_images(dataset.samples)
+        validate_images(images)
+        if self.roi is None and self.config.data.roi is not None:
+            self.roi = torch.from_numpy(load_roi(self.config.data.roi))
+        dataset = ImageDataset(images, self.image_size, self.geometry)
+        self._check_batchnorm_batches(len(dataset))
+        if len(images) < distributed.world_size():
+            raise DatasetError(
+                f"{len(images)} training image(s) for {distributed.world_size()} processes: "
+                "each process needs at least one; start fewer processes (--nproc-per-node)"
+            )
+        if not self.geometry.single_view:
+            logger.info(
+                "%d training images give %d tiles (%s)",
+                len(images),
+                len(dataset),
+                self.geometry.describe(),
+            )
         # Absolute, so that the run folder stays valid when the working directory changes.
         self.train_images = [str(_path_of(s).absolute()) for s in images]
+        self._train_views = len(dataset)
         return dataset
 
     def _check_batchnorm_batches(self, n_images: int) -> None:
@@ -314,6 +394,9 @@ class Detector:
             self._run_dir = None  # a new model: a folder it was loaded from is no longer its own
             return None
         run_dir = Path(run_dir)
+        if not distributed.is_main():
+            self._run_dir = run_dir  # rank 0 writes it
+            return None
         run_dir.mkdir(parents=True, exist_ok=True)
         if runio.run_markers(run_dir):
             names = [n for n in runio.RUN_FILES if n != runio.LOG_FILE]
@@ -325,6 +408,50 @@ class Detector:
             runio.write_json(run_dir / runio.SOURCE_FILE, source)
         self._run_dir = run_dir
         return run_dir
+
+    def _build_prototype(
+        self, monitor: nn.Module, dataset: ImageDataset, progress: bool
+    ) -> Prototype:
+        """K from the monitor's patches of every training image (DESIGN.md §1.1).
+
+        Under torchrun each rank extracts the patches of its share of the images; rank 0
+        merges the banks in image order, selects K once and sends it to every rank, so all
+        hold the same bits. The bank is then the one a single process builds, unless a rank's
+        share alone exceeds ``prototype.max_bank``.
+        """
+        cfg = self.config
+        sampler = self._shard(dataset)
+        loader = self._loader(dataset, sampler=sampler)
+        if sampler is None:
+            return build_prototype(
+                monitor, loader, cfg.prototype, self.device, seed=cfg.train.seed, progress=progress
+            )
+        seed = cfg.train.seed
+        bank, provenance, grid = monitor_bank(
+            monitor, loader, cfg.prototype, self.device, seed + distributed.rank(), progress
+        )
+        banks, provenances = distributed.gather_rows(bank), distributed.gather_rows(provenance)
+        chosen = None
+        if distributed.is_main():
+            bank, provenance = merge_banks(banks, provenances, grid, cfg.prototype, seed)
+            logger.info("prototype: the other ranks wait while rank 0 selects K")
+            chosen = select_prototype(
+                bank, provenance, grid, cfg.prototype, self.device, seed, progress
+            ).to_tensors()
+        return Prototype.from_tensors(distributed.broadcast_tensors(chosen))
+
+    def _shard(
+        self, dataset: ImageDataset, generator: torch.Generator | None = None
+    ) -> distributed.ShardSampler | None:
+        """This rank's share of the images under torchrun; None in a single process.
+
+        With the run's generator (training): shuffled as one process would, and padded so
+        that every rank takes the same number of steps. Without: each image once overall.
+        """
+        if not distributed.active():
+            return None
+        training = generator is not None
+        return distributed.ShardSampler(dataset, training, generator, pad=training)
 
     def _trainer(self) -> CoProgressionTrainer:
         vectors = None
@@ -344,29 +471,43 @@ class Detector:
     ) -> list[EpochLog]:
         """Epochs ``start_epoch + 1 .. epochs``, checkpoints, then calibration and the save."""
         cfg = self.config
-        drop = self._drops_lone_batch(len(dataset))
-        loader = self._loader(dataset, shuffle=True, generator=generator, drop_last=drop)
+        if not distributed.is_main():
+            run_dir, progress = None, False  # rank 0 writes the run folder and shows progress
+        sampler = self._shard(dataset, generator)
+        drop = self._drops_lone_batch(len(dataset) if sampler is None else len(sampler))
+        loader = self._loader(
+            dataset, shuffle=True, generator=generator, drop_last=drop, sampler=sampler
+        )
+        if len(loader) == 0:
+            raise DatasetError(
+                f"{len(dataset)} training images for {distributed.world_size()} processes "
+                f"leave each process one image per epoch, a lone batch that the {self.image_size}"
+                " px student cannot normalise: give more images or start fewer processes"
+            )
+        views = "" if len(dataset) == len(dataset.samples) else f" ({len(dataset)} tiles)"
         logger.info(
-            "training %s student on %d images for %d epochs (co_progression=%s, prototype=%s)",
+            "training %s student on %d images%s for %d epochs (co_progression=%s, prototype=%s)",
             cfg.model.variant.upper(),
-            len(dataset),
+            len(dataset.samples),
+            views,
             cfg.train.epochs,
             cfg.train.co_progression,
             cfg.prototype.enabled,
         )
         kept = None
-        for epoch in range(start_epoch, cfg.train.epochs):
-            log = self._train_epoch(trainer, loader, epoch, progress)
-            self.epoch_logs.append(log)
-            if on_epoch is not None:
-                on_epoch(log)
-            if cfg.train.keep_epoch == epoch + 1:
-                kept = self._snapshot()
-            if run_dir is not None:
-                _append_train_log(run_dir / runio.TRAIN_LOG, log)
-                done = epoch + 1 == cfg.train.epochs
-                if (epoch + 1) % cfg.train.checkpoint_every == 0 or done:
-                    self._save_checkpoint(run_dir, trainer, generator, epoch + 1)
+        with trainer.data_parallel(self.device):
+            for epoch in range(start_epoch, cfg.train.epochs):
+                log = self._train_epoch(trainer, loader, epoch, progress)
+                self.epoch_logs.append(log)
+                if on_epoch is not None:
+                    on_epoch(log)
+                if cfg.train.keep_epoch == epoch + 1:
+                    kept = self._snapshot()
+                if run_dir is not None:
+                    _append_train_log(run_dir / runio.TRAIN_LOG, log)
+                    done = epoch + 1 == cfg.train.epochs
+                    if (epoch + 1) % cfg.train.checkpoint_every == 0 or done:
+                        self._save_checkpoint(run_dir, trainer, generator, epoch + 1)
 
         if kept is not None:
             # The user chose an earlier epoch from normal images only; never by test labels.
@@ -375,20 +516,26 @@ class Detector:
             logger.info("kept the weights of epoch %d", cfg.train.keep_epoch)
         # NOTE: RD4AD tests with the running statistics as they stand after training; cpkp
         # recomputes them once for the final weights (docs/deviations.md).
+        sampler = self._shard(dataset)
+        drop = self._drops_lone_batch(len(dataset) if sampler is None else len(sampler))
         recalibrate_batchnorm(
             self.student,
             self.teacher,
             (
                 _channels_last(b["image"], self.device)
-                for b in self._loader(dataset, drop_last=drop)
+                for b in self._loader(dataset, drop_last=drop, sampler=sampler)
             ),
         )
+        average_running_stats(self.student)  # under torchrun: over every rank's batches
         self.calibrate(dataset, progress=progress)
-        self.history.append(
-            {"event": "fit", "time": _now(), "images": len(dataset), "epochs": cfg.train.epochs}
-        )
+        n_images = len(dataset.samples)  # images, not tiles
+        event = {"event": "fit", "time": _now(), "images": n_images, "epochs": cfg.train.epochs}
+        if start_epoch > 0:
+            event |= {"event": "resume", "from_epoch": start_epoch}
+        self.history.append(event)
         if run_dir is not None:
             self.save(run_dir)
+        distributed.barrier()  # every rank ends with rank 0's files written
         return self.epoch_logs
 
     def _snapshot(self) -> dict[str, dict[str, Tensor]]:
@@ -477,6 +624,11 @@ class Detector:
                 postfix["L_kp"] = f"{result.kp:.4f}"
             bar.set_postfix(postfix)
         n = len(loader)
+        if distributed.active():
+            # Every rank takes n steps; the log shows the mean over the global batches.
+            totals = torch.tensor(list(sums.values()), dtype=torch.float64, device=self.device)
+            distributed.all_reduce_mean_([totals])
+            sums = dict(zip(sums, totals.tolist()))
         has_kp = trainer.teacher_steps and self.prototype is not None
         log = EpochLog(
             epoch=epoch + 1,
@@ -521,36 +673,71 @@ class Detector:
 
     # -------------------------------------------------------------------------- calibration
 
-    def calibrate(self, images: ImageDataset | Sequence[ImageSource], progress: bool = False):
+    def calibrate(
+        self, images: ImageDataset | Sequence[ImageSource], progress: bool = False
+    ) -> Calibration:
         """Robust scaling and thresholds from normal training images (own prototypes excluded).
 
-        The image threshold is the ``image_threshold_quantile`` of these images' scores, the
-        pixel threshold the ``pixel_threshold_quantile`` of their smoothed pixel scores.
+        The scaling is measured on the unsmoothed maps of the model inputs, on their image
+        part (not the padding) inside the region of interest. The image threshold is the
+        ``image_threshold_quantile`` of these images' scores, the pixel threshold the
+        ``pixel_threshold_quantile`` of their smoothed pixel scores, both taken on the maps
+        that :meth:`predict` computes (tiles stitched, padding cut off, inside the region of
+        interest), so that they mean the same there. A tile's search leaves out the
+        prototypes of every tile of its image.
         """
         dataset = images if isinstance(images, ImageDataset) else self._dataset(images)
-        kd_all, kp_all = [], []
-        for batch in tqdm(self._loader(dataset), desc="calibrating", disable=not progress):
-            kd, kp, _ = self._raw_maps(batch["image"], batch["index"], exclude_own=True)
+        sampler = self._shard(dataset)  # under torchrun: this rank's share of the images
+        prototype_owners = self._prototype_owners(dataset)
+        kd_all, kp_all, order, sizes = [], [], [], []
+        loader = self._loader(dataset, sampler=sampler)
+        for batch in tqdm(loader, desc="calibrating", disable=not progress):
+            kd, kp, _ = self._raw_maps(batch["image"], batch["owner"], prototype_owners)
             if kd is not None:
                 kd_all.append(kd.cpu())
             if kp is not None:
                 kp_all.append(kp.cpu())
+            order.append(batch["index"])
+            sizes.append(batch["size"])
+        if sampler is not None:
+            # Rank 0 computes the statistics from every rank's maps, in image order, and sends
+            # them: every rank holds the same calibration.
+            kd_all = self._gather_maps(kd_all, order)
+            kp_all = self._gather_maps(kp_all, order) if self.prototype is not None else []
+            sizes = _gather_in_order(sizes, order, torch.zeros(0, 2, dtype=torch.long))
+            if not distributed.is_main():
+                self.calibration = Calibration.from_dict(distributed.broadcast_object(None))
+                return self.calibration
+        kd = torch.cat(kd_all) if kd_all else None  # [V, 1, S, S], every view in order
+        kp = torch.cat(kp_all) if kp_all else None
+        sizes = torch.cat(sizes)
+        layouts = [
+            self.geometry.layout(*sizes[dataset.starts[i]].tolist())
+            for i in range(len(dataset.samples))
+        ]
+        inside = self._inside_views(layouts)
         cal = Calibration()
-        if kd_all:
-            cal.kd_median, cal.kd_p99 = robust_scale(_subsample(torch.cat(kd_all)))
-        if kp_all:
-            cal.kp_median, cal.kp_p99 = robust_scale(_subsample(torch.cat(kp_all)))
+        if kd is not None:
+            cal.kd_median, cal.kd_p99 = robust_scale(_subsample(_select(kd, inside)))
+        if kp is not None:
+            cal.kp_median, cal.kp_p99 = robust_scale(_subsample(_select(kp, inside)))
         self.calibration = cal
 
-        fused = self._fuse_smooth(
-            torch.cat(kd_all) if kd_all else None, torch.cat(kp_all) if kp_all else None
-        )
+        fused = self._fuse_smooth(kd, kp)
+        scores, pixels = [], []
+        for i, layout in enumerate(layouts):
+            views = dataset.views_of(i)
+            canvas = stitch(fused[views.start : views.stop], layout)
+            roi = None if self.roi is None else resize_nearest(self.roi, layout.canvas)
+            scores.append(region_max(canvas, roi))
+            inside_roi = roi is not None and bool(roi.any())
+            pixels.append(canvas[:, roi].reshape(-1) if inside_roi else canvas.reshape(-1))
         scoring = self.config.scoring
         cal.image_threshold = float(
-            np.quantile(image_scores(fused).numpy(), scoring.image_threshold_quantile)
+            np.quantile(torch.cat(scores).numpy(), scoring.image_threshold_quantile)
         )
         cal.pixel_threshold = float(
-            np.quantile(_subsample(fused), scoring.pixel_threshold_quantile)
+            np.quantile(_subsample(torch.cat(pixels)), scoring.pixel_threshold_quantile)
         )
         logger.info(
             "calibration: A_kd median %.4g p99 %.4g; A_kp median %.4g p99 %.4g; "
@@ -562,7 +749,41 @@ class Detector:
             cal.image_threshold,
             cal.pixel_threshold,
         )
+        if sampler is not None:
+            distributed.broadcast_object(cal.to_dict())
         return cal
+
+    def _prototype_owners(self, dataset: ImageDataset) -> Tensor | None:
+        """[M] the image of ``dataset`` each prototype was taken from (-1: none of them).
+
+        A prototype's provenance names the model input (view) it came from; with tiles,
+        several views share an image.
+        """
+        if self.prototype is None:
+            return None
+        views = self.prototype.provenance[:, 0]
+        known = views < len(dataset)
+        owners = torch.full_like(views, -1)
+        owners[known] = dataset.owners[views[known]]
+        return owners.to(self.device)
+
+    def _inside_views(self, layouts: Sequence[Layout]) -> Tensor | None:
+        """[V, 1, S, S] bool: the image part of every view inside the region of interest.
+
+        None when every pixel counts (squashed images without a region of interest).
+        """
+        if self.geometry.mode == "squash" and self.roi is None:
+            return None
+        masks = []
+        for layout in layouts:
+            roi = None if self.roi is None else resize_nearest(self.roi, layout.canvas)
+            masks.append(valid_views(layout, roi))
+        return torch.cat(masks)
+
+    def _gather_maps(self, maps: list[Tensor], order: list[Tensor]) -> list[Tensor]:
+        """Every rank's maps ``[n_r, 1, S, S]`` on rank 0 as one stack in item order."""
+        size = self.image_size
+        return _gather_in_order(maps, order, torch.zeros(0, 1, size, size))
 
     # ----------------------------------------------------------------- adding normal images
 
@@ -600,7 +821,7 @@ class Detector:
                 "add-normal to extend; retrain with the new images instead"
             )
         added, skipped = self._new_images(images)
-        before = (self.prototype, self.calibration, self.train_images)
+        before = (self.prototype, self.calibration, self.train_images, self._train_views)
         summary = {
             "added": added,
             "skipped": skipped,
@@ -618,10 +839,11 @@ class Detector:
 
         prototype = self._extended_prototype(added, everything, progress)
         self.prototype, self.train_images = prototype, [*self.train_images, *added]
+        self._train_views = len(everything)
         try:
             self.calibrate(everything, progress=progress)
         except BaseException:
-            self.prototype, self.calibration, self.train_images = before
+            self.prototype, self.calibration, self.train_images, self._train_views = before
             raise
         self.history.append(
             {
@@ -666,7 +888,7 @@ class Detector:
                 "add-normal recomputes the scaling and thresholds on every training image of "
                 f"the run (meta.json train_images), so they must stay readable: {err}"
             ) from err
-        return ImageDataset([*self.train_images, *added], self.image_size)
+        return ImageDataset([*self.train_images, *added], self.image_size, self.geometry)
 
     def _extended_prototype(
         self, added: list[str], everything: ImageDataset, progress: bool
@@ -675,11 +897,10 @@ class Detector:
         cfg = self.config
         monitor = self._rebuild_monitor()
         self._check_monitor(monitor, everything)
-        first = len(self.train_images)
-        batches = (
-            {"image": b["image"], "index": b["index"] + first}
-            for b in self._loader(ImageDataset(added, self.image_size))
-        )
+        # The new images' views come last; their item indices become the provenance.
+        first = everything.starts[len(self.train_images)]
+        new_views = Subset(everything, range(first, len(everything)))
+        batches = ({"image": b["image"], "index": b["index"]} for b in self._view_loader(new_views))
         vectors, provenance, grid = monitor_bank(
             monitor, batches, cfg.prototype, self.device, cfg.train.seed, progress
         )
@@ -757,7 +978,8 @@ class Detector:
                 f"the teaching monitor rebuilt from model.backbone={self.config.model.backbone!r} "
                 f"(weights: {monitor.weights_source}) does not reproduce the run's prototypes "
                 f"(largest difference {error:.3g} for values up to {scale:.3g}, on "
-                f"{self.train_images[owner]}); the run was built with other weights "
+                f"{everything.samples[int(everything.owners[owner])].image}); the run was built "
+                "with other weights "
                 f"({self.weights_source or 'unknown'}): make them available as "
                 f"model.weights in {runio.CONFIG_FILE}"
             )
@@ -765,7 +987,8 @@ class Detector:
     def _bank_size(self) -> int:
         """Patch vectors of all training images: the bank that M is measured against."""
         h, w = self.prototype.grid
-        return len(self.train_images) * h * w
+        views = len(self.train_images) if self._train_views is None else self._train_views
+        return views * h * w
 
     # ------------------------------------------------------------------------------ scoring
 
@@ -777,7 +1000,7 @@ class Detector:
             x: [B, 3, S, S] images in [0, 1].
         """
         self._require_fitted()
-        kd, kp, index = self._raw_maps(x, None, exclude_own=False)
+        kd, kp, index = self._raw_maps(x)
         maps = self._fuse_smooth(kd, kp)
         sigma = self._sigma()
         return ScoreBatch(
@@ -789,61 +1012,95 @@ class Detector:
         )
 
     def predict(
-        self, images: ImageInput | Tensor, batch_size: int | None = None
+        self,
+        images: ImageInput | Tensor,
+        batch_size: int | None = None,
+        workers: int | None = None,
     ) -> list[Prediction]:
         """Score images of any size; maps come back at each image's own size.
 
-        An image is anomalous when its score is strictly above the image threshold, a pixel
-        when its value is strictly above the pixel threshold.
+        Each image becomes model inputs as ``data.resize`` and ``data.tile`` say
+        (:mod:`cpkp.geometry`); its score is the maximum of its map inside the region of
+        interest. An image is anomalous when its score is strictly above the image threshold,
+        a pixel when its value is strictly above the pixel threshold (and it lies inside the
+        region of interest; the map is zero outside).
 
         Args:
             images: paths / Sample records, a folder of images, or a tensor [B, 3, H, W] in
                 [0, 1].
-            batch_size: images per forward pass (default: the training batch size).
+            batch_size: model inputs per forward pass, a tile counting as one (default: the
+                training batch size).
+            workers: data-loader processes reading the images (default: data.num_workers).
 
         Raises:
             ImageError: an image cannot be read (see :func:`cpkp.data.load_image`).
             ScoringError: a score or map is NaN or infinite (the images are named).
         """
+        return _require_finite(list(self.iter_predict(images, batch_size, workers)))
+
+    def iter_predict(
+        self,
+        images: ImageInput | Tensor,
+        batch_size: int | None = None,
+        workers: int | None = None,
+    ) -> Iterator[Prediction]:
+        """:meth:`predict` image by image, in input order, each as soon as it is scored.
+
+        The predictions are not checked for NaN or infinite values here; :meth:`predict` and
+        ``cpkp predict`` check them.
+        """
+        cal = self.calibration
+        for item in self.image_maps(images, batch_size, workers):
+            yield prediction_from(item, cal.image_threshold, cal.pixel_threshold)
+
+    def image_maps(
+        self,
+        images: ImageInput | Tensor,
+        batch_size: int | None = None,
+        workers: int | None = None,
+        parts: bool = False,
+    ) -> Iterator[ImageMaps]:
+        """Each image's smoothed maps on its canvas, in input order (:class:`ImageMaps`).
+
+        Args:
+            images: as :meth:`predict` takes them.
+            batch_size: model inputs per forward pass (default: the training batch size).
+            workers: data-loader processes reading the images (default: data.num_workers).
+            parts: also return the smoothed ``A_kd`` and ``A_kp`` maps (``"kd"``, ``"kp"``).
+        """
         self._require_fitted()
+        step = batch_size or self.config.train.batch_size
         if isinstance(images, Tensor):
-            return _require_finite(self._predict_tensor(images))
-        dataset = self._dataset(images)
-        out = []
-        for batch in self._loader(dataset, batch_size=batch_size):
-            result = self.score_batch(batch["image"].to(self.device))
-            sizes = [tuple(s.tolist()) for s in batch["size"]]
-            for path, score, m in zip(
-                batch["path"], result.scores.cpu(), resize_maps(result.maps.cpu(), sizes)
-            ):
-                out.append(self._prediction(path, float(score), m[0].numpy()))
-        return _require_finite(out)
-
-    def _predict_tensor(self, images: Tensor) -> list[Prediction]:
-        h, w = images.shape[-2:]
-        x = torch.nn.functional.interpolate(
-            images.float(), size=(self.image_size,) * 2, mode="bilinear", antialias=True
+            batches = tensor_views(images, self.geometry, step)
+        else:
+            batches = self._view_loader(self._dataset(images), step, workers)
+        return stream_image_maps(
+            batches, lambda x: self._score_views(x, parts), self.geometry, self.roi
         )
+
+    def _score_views(self, x: Tensor, parts: bool) -> dict[str, Tensor]:
+        """Smoothed maps of a batch of views [B, 3, S, S]: part -> [B, 1, S, S] on the CPU."""
         result = self.score_batch(x.to(self.device))
-        maps = resize_maps(result.maps.cpu(), [(h, w)] * len(images))
-        return [
-            self._prediction(f"tensor[{i}]", float(s), m[0].numpy())
-            for i, (s, m) in enumerate(zip(result.scores.cpu(), maps))
-        ]
-
-    def _prediction(self, path: str, score: float, amap: np.ndarray) -> Prediction:
-        return Prediction(
-            path=str(path),
-            score=score,
-            is_anomalous=score > self.calibration.image_threshold,
-            map=amap.astype(np.float32),
-            mask=amap > self.calibration.pixel_threshold,
-        )
+        out = {"fused": result.maps.cpu()}
+        if parts:
+            for name, maps in (("kd", result.kd_maps), ("kp", result.kp_maps)):
+                if maps is not None:
+                    out[name] = maps.cpu()
+        if result.kp_index is not None and self.geometry.mode == "squash":
+            out["kp_index"] = result.kp_index.cpu()
+        return out
 
     def _raw_maps(
-        self, x: Tensor, indices: Tensor | None, exclude_own: bool
+        self, x: Tensor, owners: Tensor | None = None, prototype_owners: Tensor | None = None
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        """Unsmoothed ``A_kd`` and ``A_kp`` at the model size, and the prototype indices."""
+        """Unsmoothed ``A_kd`` and ``A_kp`` at the model size, and the prototype indices.
+
+        Args:
+            x: [B, 3, S, S] model inputs.
+            owners: [B] the image each input belongs to. With ``prototype_owners`` ([M], the
+                image each prototype came from), an input's search leaves out its own image's
+                prototypes (calibration), unless they are all of them.
+        """
         x = _channels_last(x, self.device)
         size = (x.shape[-2], x.shape[-1])
         with torch.inference_mode(), self._autocast():
@@ -856,9 +1113,8 @@ class Detector:
             return kd, None, None
         vectors = self.prototype.vectors.to(self.device)
         exclude = None
-        if exclude_own and indices is not None:
-            owner = self.prototype.provenance[:, 0].to(self.device)
-            exclude = [owner == int(i) for i in indices]
+        if owners is not None and prototype_owners is not None:
+            exclude = [prototype_owners == int(i) for i in owners]
             exclude = [None if bool(m.all()) else m for m in exclude]
         kp, index = kp_map(teacher_feats, vectors, self.config.prototype, size, exclude)
         return kd, kp, index
@@ -935,6 +1191,9 @@ class Detector:
         detector.history = list(meta.get("history", []))
         detector.weights_source = meta.get("weights_source", "")
         detector._epochs_done = meta.get("epochs_done")
+        if detector.prototype is not None and meta.get("prototype_bank_size"):
+            h, w = detector.prototype.grid
+            detector._train_views = int(meta["prototype_bank_size"]) // (h * w)
         # Saving back into this folder (add_normal) keeps the run's checkpoint, logs and source.
         detector._run_dir = run_dir
         return detector
@@ -944,6 +1203,9 @@ class Detector:
         tensors |= runio.with_prefix(self.student.state_dict(), "student")
         if self.prototype is not None:
             tensors |= runio.with_prefix(self.prototype.to_tensors(), "prototype")
+        if self.roi is not None:
+            # Stored with the weights, so that test, predict and export need no mask file.
+            tensors[ROI_TENSOR] = self.roi.to(torch.uint8).contiguous()
         return tensors
 
     def _restore_networks(self, tensors: dict[str, Tensor], run_dir: Path) -> None:
@@ -957,6 +1219,7 @@ class Detector:
         self.student = _place(student, self.device)
         proto = runio.split_prefixed(tensors, "prototype")
         self.prototype = Prototype.from_tensors(proto) if proto else None
+        self.roi = tensors[ROI_TENSOR].bool() if ROI_TENSOR in tensors else None
 
     # ---------------------------------------------------------------------------- internals
 
@@ -964,7 +1227,23 @@ class Detector:
         images = _image_list(images)
         if len(images) == 0:
             raise DatasetError("no images were given")
-        return ImageDataset(images, self.image_size)
+        return ImageDataset(images, self.image_size, self.geometry)
+
+    def _view_loader(
+        self,
+        dataset: ImageDataset | Subset,
+        batch_size: int | None = None,
+        workers: int | None = None,
+    ) -> DataLoader:
+        """The views of ``dataset`` in order, for scoring (never shuffled, never sharded)."""
+        workers = self.config.data.num_workers if workers is None else workers
+        return DataLoader(
+            dataset,
+            batch_size=batch_size or self.config.train.batch_size,
+            num_workers=workers,
+            worker_init_fn=_single_thread_worker if workers else None,
+            pin_memory=self.device.type == "cuda",
+        )
 
     def _loader(
         self,
@@ -973,11 +1252,13 @@ class Detector:
         generator: torch.Generator | None = None,
         batch_size: int | None = None,
         drop_last: bool = False,
+        sampler: distributed.ShardSampler | None = None,
     ) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size or self.config.train.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,  # a shard sampler shuffles itself
+            sampler=sampler,
             drop_last=drop_last,
             generator=generator,
             num_workers=self.config.data.num_workers,
@@ -987,6 +1268,109 @@ class Detector:
     def _require_fitted(self) -> None:
         if not self.is_fitted:
             raise CheckpointError("this detector is not trained: call fit() or Detector.load()")
+
+
+def stream_image_maps(
+    batches: Iterable[dict[str, Any]],
+    score_views: Callable[[Tensor], dict[str, Tensor]],
+    geometry: Geometry,
+    roi: Tensor | None = None,
+) -> Iterator[ImageMaps]:
+    """Score batches of views; yield each image's maps as soon as its last view is scored.
+
+    Args:
+        batches: dicts with ``"image"`` [B, 3, S, S] views and ``"owner"``, ``"view"``,
+            ``"views"``, ``"size"``, ``"path"`` as an :class:`ImageDataset` loader gives them,
+            the views of one image consecutive and in order.
+        score_views: views -> part -> [B, 1, S, S] smoothed maps on the CPU (``"fused"`` at
+            least), and optionally ``"kp_index"`` [B, gh, gw].
+        geometry: how the views were cut.
+        roi: the region of interest at its own size, [Hr, Wr] bool, or None.
+    """
+    pending: dict[int, list[dict[str, Tensor]]] = {}
+    for batch in batches:
+        parts = score_views(batch["image"])
+        for j in range(len(batch["image"])):
+            owner = int(batch["owner"][j])
+            pending.setdefault(owner, []).append({k: v[j] for k, v in parts.items()})
+            if int(batch["view"][j]) + 1 < int(batch["views"][j]):
+                continue
+            views = pending.pop(owner)
+            layout = geometry.layout(*(int(v) for v in batch["size"][j]))
+            if len(views) != len(layout.views):
+                raise RuntimeError(f"{batch['path'][j]}: {len(views)} of {len(layout.views)} views")
+            maps = {
+                name: stitch(torch.stack([v[name] for v in views]), layout)
+                for name in views[0]
+                if name != "kp_index"
+            }
+            kp_index = views[0].get("kp_index")
+            yield ImageMaps(owner, str(batch["path"][j]), layout, maps, roi, kp_index)
+
+
+def tensor_views(images: Tensor, geometry: Geometry, batch_size: int) -> Iterator[dict[str, Any]]:
+    """Batches of the views of images given as one tensor, as an ImageDataset loader gives them.
+
+    Args:
+        images: [B, 3, H, W] float in [0, 1].
+    """
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images [B, 3, H, W], got shape {list(images.shape)}")
+    height, width = (int(v) for v in images.shape[-2:])
+    layout = geometry.layout(height, width)
+    items = [
+        (view, i, v)
+        for i in range(len(images))
+        for v, view in enumerate(to_views(images[i].float().cpu(), layout))
+    ]
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        yield {
+            "image": torch.stack([view for view, _, _ in chunk]),
+            "owner": torch.tensor([i for _, i, _ in chunk]),
+            "view": torch.tensor([v for _, _, v in chunk]),
+            "views": torch.full((len(chunk),), len(layout.views)),
+            "size": torch.tensor([[height, width]] * len(chunk)),
+            "path": [f"tensor[{i}]" for _, i, _ in chunk],
+        }
+
+
+def prediction_from(item: ImageMaps, image_threshold: float, pixel_threshold: float) -> Prediction:
+    """An image's :class:`Prediction`: map and mask at its own size, score on its canvas."""
+    size = item.layout.image
+    amap = item.map_at(size)
+    mask = amap > pixel_threshold
+    roi = item.roi_at(size)
+    if roi is not None:
+        mask &= roi
+    score = item.score()
+    return Prediction(
+        path=item.path,
+        score=score,
+        is_anomalous=score > image_threshold,
+        map=amap.numpy().astype(np.float32),
+        mask=mask.numpy(),
+    )
+
+
+def _single_thread_worker(worker_id: int) -> None:
+    """Data-loader workers resize with one thread each: the processes are the parallelism."""
+    torch.set_num_threads(1)
+
+
+def _select(maps: Tensor, inside: Tensor | None) -> Tensor:
+    """The values of ``maps`` where ``inside`` is true, flat (all of them without a mask)."""
+    return maps.reshape(-1) if inside is None else maps[inside]
+
+
+def _gather_in_order(rows: list[Tensor], order: list[Tensor], empty: Tensor) -> list[Tensor]:
+    """Every rank's rows on rank 0 as one tensor in item order (under torchrun)."""
+    local = torch.cat(rows) if rows else empty
+    index = torch.cat(order) if order else torch.zeros(0, dtype=torch.int64)
+    parts, indices = distributed.gather_rows(local), distributed.gather_rows(index)
+    if parts is None:
+        return []
+    return [torch.cat(parts)[torch.argsort(torch.cat(indices))]]
 
 
 def _place(module: nn.Module, device: torch.device) -> nn.Module:

@@ -155,6 +155,21 @@ def _job(dataset, root, category, variant, seed, alpha, out, base, epochs) -> Jo
     return Job(dataset, str(root), category, variant, seed, alpha, str(run_dir), config.to_dict())
 
 
+def finished_metrics(job: Job) -> dict[str, Any] | None:
+    """The metrics of a run finished earlier (its ``metrics.json``), or None.
+
+    Raises:
+        ConfigError: the run folder holds a run made with another configuration.
+    """
+    run_dir = Path(job.run_dir)
+    _check_same_config(run_dir, job.config)
+    metrics_file = run_dir / runio.METRICS_FILE
+    if not metrics_file.exists():
+        return None
+    logger.info("%s: finished earlier, reusing its metrics", run_dir)
+    return runio.read_json(metrics_file)
+
+
 def run_job(job: Job, progress: bool = False) -> dict[str, Any]:
     """Train and test one combination, or reuse / resume what is already on disk.
 
@@ -167,13 +182,11 @@ def run_job(job: Job, progress: bool = False) -> dict[str, Any]:
     from cpkp.data.readers import read_dataset
     from cpkp.evaluate import run_test
 
-    run_dir = Path(job.run_dir)
-    _check_same_config(run_dir, job.config)
-    metrics_file = run_dir / runio.METRICS_FILE
-    if metrics_file.exists():
-        logger.info("%s: finished earlier, reusing its metrics", run_dir)
-        return runio.read_json(metrics_file)
+    finished = finished_metrics(job)
+    if finished is not None:
+        return finished
 
+    run_dir = Path(job.run_dir)
     splits = read_dataset(job.dataset, job.root, job.category, **job.folders)
     start = time.perf_counter()
     if (run_dir / runio.WEIGHTS_FILE).exists():
@@ -238,6 +251,7 @@ def run_benchmark(
 
     ``execute`` takes the jobs and yields ``(job, metrics)`` as runs finish, in any order; the
     tables are rewritten after each, so a benchmark stopped half-way still has its table.
+    :class:`cpkp.ray_executor.RayExecutor` is one, running the jobs as Ray tasks.
 
     Returns:
         The Markdown tables.
@@ -251,9 +265,19 @@ def run_benchmark(
 
     results: list[tuple[Job, dict[str, Any]]] = []
     tables = ""
-    for job, metrics in execute(jobs):
-        results.append((job, metrics))
-        tables = write_tables(results, out)
+    planned = {job.run_dir: position for position, job in enumerate(jobs)}
+    finishing = execute(jobs)
+    try:
+        for job, metrics in finishing:
+            results.append((job, metrics))
+            # In the planned order, whatever order the runs finished in.
+            results.sort(key=lambda result: planned.get(result[0].run_dir, len(planned)))
+            tables = write_tables(results, out)
+    finally:
+        # An executor that holds workers (Ray) releases them now, not when garbage-collected.
+        close = getattr(finishing, "close", None)
+        if close is not None:
+            close()
     return tables
 
 

@@ -11,8 +11,11 @@ import argparse
 import csv
 import io
 import logging
+import os
 import sys
 import time
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,9 @@ DEFAULT_PRESET = "cpu_rd_lite0"
 SOURCE_FILE = runio.SOURCE_FILE
 EXIT_SKIPPED = 1  # cpkp predict: some images were unreadable and skipped
 EXIT_ERROR = 2  # a user mistake, reported in one line
+MAX_PREDICT_WORKERS = 4  # cpkp predict: default data-loader processes at most
+WRITE_THREADS = 2  # cpkp predict: threads writing heat maps and masks
+WRITE_QUEUE = 16  # cpkp predict: predictions waiting to be written, at most
 PRESET_DEFAULT = " (default: the preset's value)"
 
 
@@ -98,6 +104,27 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "off in every shipped preset)",
     )
     _model_option(g, "--image-size", int, "model input size in pixels (multiple of 32)")
+    g.add_argument(
+        "--resize",
+        choices=["squash", "aspect"],
+        help="how an image becomes the square model input: squash (the whole frame, aspect "
+        "ratio changed, as the paper) or aspect (long side to the model size, padded)"
+        + PRESET_DEFAULT,
+    )
+    _model_option(
+        g,
+        "--tile",
+        int,
+        "cut images into tiles of this many pixels, each resized to the model size, and "
+        "stitch the maps back (0: no tiles; large or long parts)",
+    )
+    _model_option(g, "--overlap", int, "pixels neighbouring tiles share (with --tile)")
+    g.add_argument(
+        "--roi",
+        type=_absolute,
+        help="region-of-interest mask image: only its non-zero pixels are scored (resized to "
+        "each image); stored in the run (default: the preset's value, none)",
+    )
     _model_option(g, "--epochs", int, "training epochs")
     _model_option(g, "--batch-size", int, "images per batch")
     _model_option(g, "--lr-student", float, "student learning rate")
@@ -133,6 +160,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _absolute(path: str) -> str:
+    """A path option as an absolute path, so that the run's config stays valid elsewhere."""
+    return str(Path(path).absolute())
+
+
 def _model_option(g: argparse._ArgumentGroup, flag: str, kind: type, text: str) -> None:
     g.add_argument(flag, type=kind, help=text + PRESET_DEFAULT)
 
@@ -150,6 +182,10 @@ _OVERRIDES = {
     "weights": ("model", "weights"),
     "download_weights": ("model", "download_weights"),
     "image_size": ("data", "image_size"),
+    "resize": ("data", "resize"),
+    "tile": ("data", "tile"),
+    "overlap": ("data", "tile_overlap"),
+    "roi": ("data", "roi"),
     "epochs": ("train", "epochs"),
     "batch_size": ("train", "batch_size"),
     "lr_student": ("train", "lr_student"),
@@ -237,8 +273,32 @@ def _source_of(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """``cpkp train``; under torchrun, one process of a data-parallel run (docs/scaling.md)."""
+    from cpkp import distributed
+
+    if not distributed.launched():
+        return _train_command(args)
+    if not distributed.is_main():
+        _quiet_console()  # rank 0 logs and prints; the others speak only when they fail
+    try:
+        with distributed.failure_guard():
+            return _train_command(args)
+    finally:
+        distributed.cleanup()
+
+
+def _quiet_console() -> None:
+    """Only errors reach this process's console (ranks other than 0 of a torchrun launch)."""
+    for handler in _HANDLERS:
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.ERROR)
+
+
+def _train_command(args: argparse.Namespace) -> int:
+    from cpkp import distributed
     from cpkp.api import Detector
     from cpkp.data.dataset import validate_images
+    from cpkp.data.images import load_roi
 
     if args.resume is not None:
         return _resume(args)
@@ -250,15 +310,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     splits = read_split(args)
     # Every input is checked before the run folder is touched, so a bad file changes nothing.
     validate_images(splits.train + (splits.test if args.test else []))
+    if config.data.roi is not None:
+        load_roi(config.data.roi)  # a bad region-of-interest mask, too
     detector = Detector(config)  # an unavailable device fails here
-    if args.force and runio.run_markers(out):
+    # Under torchrun every rank has made the checks above once all have joined: only then does
+    # rank 0, the only one that writes, touch the folder.
+    distributed.init_from_env(detector.device)
+    main = distributed.is_main()
+    if args.force and runio.run_markers(out) and main:
         detector.check_networks()  # and missing weights here, before the old run is removed
         _remove_old_run(out)
 
-    _log_to_file(out / runio.LOG_FILE)
+    if main:
+        _log_to_file(out / runio.LOG_FILE)
     logger.info("dataset: %s", splits.describe())
     start = time.perf_counter()
     detector.fit(splits.train, run_dir=out, progress=not args.quiet, source=_source_of(args))
+    distributed.cleanup()  # training is over: what follows is rank 0's alone
+    if not main:
+        return 0
     print(f"trained in {time.perf_counter() - start:.1f} s; run saved to {out}")
     if args.test:
         return _test_run(
@@ -302,8 +372,10 @@ _RESUME_FIXED = (
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from cpkp.api import Detector
+    from cpkp import distributed
+    from cpkp.api import Detector, resolve_device
     from cpkp.checkpoint import read_checkpoint
+    from cpkp.config import load_config
     from cpkp.data.dataset import validate_images
 
     run = Path(args.resume)
@@ -324,12 +396,20 @@ def _resume(args: argparse.Namespace) -> int:
         _fill_from_source(args, run)
         test_split = read_split(args).test
         validate_images(test_split)
-    if args.epochs is not None:
+    if distributed.launched():
+        distributed.init_from_env(resolve_device(load_config(run / runio.CONFIG_FILE).train.device))
+    main = distributed.is_main()
+    if args.epochs is not None and main:
         _set_resume_epochs(run, args.epochs, runio.load_metadata(checkpoint).get("epoch", 0))
+    distributed.barrier()  # the other ranks read the config that rank 0 may have rewritten
 
-    _log_to_file(run / runio.LOG_FILE)
+    if main:
+        _log_to_file(run / runio.LOG_FILE)
     start = time.perf_counter()
     Detector.resume(run, progress=not args.quiet)
+    distributed.cleanup()  # training is over: what follows is rank 0's alone
+    if not main:
+        return 0
     print(f"resumed and finished in {time.perf_counter() - start:.1f} s; run saved to {run}")
     if test_split is not None:
         return _test_run(
@@ -445,17 +525,26 @@ def _cell(value: Any) -> str:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from cpkp.data.images import load_image
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    from cpkp.api import _require_finite
+    from cpkp.data.images import check_image
 
     paths = _expand_inputs(args.paths)
     if not paths:
         raise ConfigError("no image files found in the given paths")
-    predict, pixel_threshold, step = _predictor(args)
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):
+        if value is not None and value < low:
+            raise ConfigError(f"{flag} {value}: must be at least {low}")
+    runner = _predictor(args)
     out = Path(args.out)
     good, failed = [], []
     for path in paths:
         try:
-            load_image(path)
+            check_image(path)
             good.append(path)
         except ImageError as err:
             failed.append(str(path))
@@ -463,22 +552,38 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     names = _output_names(good)
     rows = []
-    for start in range(0, len(good), step):
-        # predict raises on a NaN or infinite score before anything of this batch is written
-        batch = good[start : start + step]
-        for path, pred in zip(batch, predict(batch)):
-            name = names[str(path)]
-            _write_prediction(pixel_threshold, pred, out, name)
-            rows.append(
-                [
-                    pred.path,
-                    f"{pred.score:.6g}",
-                    int(pred.is_anomalous),
-                    f"{name}_heatmap.png",
-                    f"{name}_mask.png",
-                ]
-            )
-            print(f"{pred.path}\t{pred.score:.4f}\t{'ANOMALOUS' if pred.is_anomalous else 'ok'}")
+    start = time.perf_counter()
+    if good:
+        batch_size = args.batch_size or runner.batch_size
+        workers = _predict_workers(args.workers, runner.workers, len(good), batch_size)
+        predictions = runner.iter_predict(good, batch_size, workers)
+        bar = tqdm(
+            predictions, total=len(good), desc="predicting", unit="image", disable=args.quiet
+        )
+        out.mkdir(parents=True, exist_ok=True)  # a bad --out fails before any scoring
+        # Heat maps and masks are written by threads while the next images are scored; at
+        # most WRITE_QUEUE images wait, so that maps do not pile up in memory. An image is
+        # reported once its files are written.
+        with ThreadPoolExecutor(max_workers=WRITE_THREADS) as pool:
+            writing: deque = deque()
+            for pred in bar:
+                _require_finite([pred])  # before anything of this image is written
+                name = names[pred.path]
+                job = pool.submit(_write_prediction, runner.pixel_threshold, pred, out, name)
+                writing.append((job, pred, name))
+                while len(writing) > WRITE_QUEUE or (writing and writing[0][0].done()):
+                    rows.append(_report_prediction(*writing.popleft()))
+            while writing:
+                rows.append(_report_prediction(*writing.popleft()))
+        elapsed = time.perf_counter() - start
+        logger.info(
+            "scored %d images in %.1f s (%.1f images/s; batch %d, %d workers)",
+            len(rows),
+            elapsed,
+            len(rows) / max(elapsed, 1e-9),
+            batch_size,
+            workers,
+        )
     runio.write_text(out / "predictions.csv", _predictions_csv(rows, failed))
     print(f"{len(rows)} images scored, {len(failed)} unreadable; results in {out}")
     if failed:
@@ -489,21 +594,60 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predictor(args: argparse.Namespace):
-    """``predict(paths)``, the pixel threshold and the batch size of --run or of --model."""
+def _report_prediction(job: Future, pred: Any, name: str) -> list[Any]:
+    """Wait for an image's files, print its line; its row of predictions.csv."""
+    from tqdm.auto import tqdm
+
+    job.result()  # raises the writer's error (a full disk, an --out that is a file)
+    verdict = "ANOMALOUS" if pred.is_anomalous else "ok"
+    tqdm.write(f"{pred.path}\t{pred.score:.4f}\t{verdict}", file=sys.stdout)
+    heatmap, mask = f"{name}_heatmap.png", f"{name}_mask.png"
+    return [pred.path, f"{pred.score:.6g}", int(pred.is_anomalous), heatmap, mask]
+
+
+@dataclass
+class _Predictor:
+    """What ``cpkp predict`` needs of a run (--run) or of an exported model (--model)."""
+
+    iter_predict: Any  # (paths, batch_size, workers) -> Iterator[Prediction], in input order
+    pixel_threshold: float
+    batch_size: int  # default model inputs per forward pass
+    workers: int  # configured data-loader processes (0: choose)
+
+
+def _predictor(args: argparse.Namespace) -> _Predictor:
+    """The predictor of --run or of --model."""
     if args.model is not None:
         from cpkp.export import OnnxDetector
 
         runner = OnnxDetector(args.model)
-        return runner.predict, runner.pixel_threshold, runner.batch_size
+        return _Predictor(runner.iter_predict, runner.pixel_threshold, runner.batch_size, 0)
 
     from cpkp.api import Detector
 
     run = Path(args.run)
     runio.check_run_dir(run)
     detector = Detector.load(run)
-    pixel_threshold = detector.calibration.pixel_threshold
-    return detector.predict, pixel_threshold, detector.config.train.batch_size
+    return _Predictor(
+        detector.iter_predict,
+        detector.calibration.pixel_threshold,
+        detector.config.train.batch_size,
+        detector.config.data.num_workers,
+    )
+
+
+def _predict_workers(given: int | None, configured: int, images: int, batch_size: int) -> int:
+    """--workers, else the run's data.num_workers, else up to 4 (one core kept for scoring).
+
+    Inputs that fit in one batch are read in this process: starting workers would cost more.
+    """
+    if given is not None:
+        return given
+    if configured > 0:
+        return configured
+    if images <= batch_size:
+        return 0
+    return max(0, min(MAX_PREDICT_WORKERS, (os.cpu_count() or 1) - 1))
 
 
 def _output_names(paths: list[Path]) -> dict[str, str]:
@@ -662,6 +806,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from cpkp.benchmark import plan_jobs, run_benchmark
     from cpkp.data.readers import list_categories
 
+    execute = _benchmark_executor(args)
     base = config_from_args(args)
     if args.seeds < 1:
         raise ConfigError(f"--seeds {args.seeds}: expected at least 1")
@@ -702,8 +847,22 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         folders=folders,
     )
     logger.info("benchmark: %d runs into %s", len(jobs), out)
-    print(run_benchmark(jobs, out, progress=not args.quiet))
+    print(run_benchmark(jobs, out, execute=execute, progress=not args.quiet))
     return 0
+
+
+def _benchmark_executor(args: argparse.Namespace) -> Any:
+    """None (in-process) or the Ray executor; Ray options without ``--executor ray`` are refused."""
+    if args.executor != "ray":
+        for flag, value in (("--address", args.address), ("--cpus-per-run", args.cpus_per_run)):
+            if value is not None:
+                raise ConfigError(f"{flag} is an option of --executor ray; add --executor ray")
+        return None
+    from cpkp.ray_executor import RayExecutor
+
+    return RayExecutor(
+        address=args.address, cpus_per_run=args.cpus_per_run, progress=not args.quiet
+    )
 
 
 def _float_option(flag: str, text: str) -> float:
@@ -794,6 +953,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("paths", nargs="+", help="image files or folders")
     p.add_argument("--out", default="predictions", help="folder for heat maps, masks and CSV")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="model inputs per forward pass, a tile counting as one (default: the run's "
+        "train.batch_size)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="processes that read and resize the images (default: the run's "
+        "data.num_workers, else up to 4, one core fewer than the machine has; none when the "
+        "images fit in one batch)",
+    )
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(
@@ -873,6 +1045,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="any base config field, repeatable (default: none)",
     )
     p.add_argument("--out", required=True, help="output folder: runs, benchmark.md, .csv")
+    g = p.add_argument_group("executor")
+    g.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        default="local",
+        help="local: one run after the other in this process; ray: the runs as Ray tasks "
+        "(pip install 'cpkp[ray]'), one GPU per run where the cluster has GPUs",
+    )
+    g.add_argument(
+        "--address",
+        help="with --executor ray: an existing Ray cluster (auto, HOST:PORT or ray://HOST:PORT); "
+        "the output folder and dataset must be at the same path on every node (default: a "
+        "local Ray instance on this machine's CPUs and GPUs)",
+    )
+    g.add_argument(
+        "--cpus-per-run",
+        type=int,
+        help="with --executor ray: CPUs and torch threads of each run (default: 1 where runs "
+        "get a GPU, else 4, at most a node's CPUs)",
+    )
     p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser(

@@ -22,6 +22,8 @@ from cpkp.errors import ConfigError
 
 VARIANTS = ("rd", "fd")
 FUSIONS = ("standardized", "raw")
+RESIZE_MODES = ("squash", "aspect")  # cpkp.geometry
+MIN_TILE = 16  # pixels: a smaller tile would be blown up many times to the model size
 KD_LOSSES = ("positional", "flattened")
 OPTIMIZERS = ("adam", "sgd")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")  # as cpkp.api.resolve_device reads it
@@ -31,6 +33,10 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")  # as cpkp.api.resolve_devi
 class DataConfig:
     image_size: int = 256  # paper, §4.1: 256x256 input
     num_workers: int = 0  # data-loader worker processes
+    resize: str = "squash"  # paper: the whole frame to S x S; "aspect" keeps the aspect ratio
+    tile: int = 0  # tile side in image pixels (cpkp.geometry); 0: no tiling
+    tile_overlap: int = 0  # pixels neighbouring tiles share
+    roi: str | None = None  # region-of-interest mask image; its non-zero pixels are scored
 
 
 @dataclass
@@ -273,6 +279,23 @@ def _check_data(data: DataConfig) -> None:
         "so the image size must be a multiple of 32 (for example 224, 256 or 320)",
     )
     _check(data.num_workers >= 0, f"data.num_workers={data.num_workers}: must be 0 or more")
+    _choice("data.resize", data.resize, RESIZE_MODES)
+    _check(
+        data.tile == 0 or data.tile >= MIN_TILE,
+        f"data.tile={data.tile}: 0 (no tiling) or a tile side of at least {MIN_TILE} pixels",
+    )
+    if data.tile == 0:
+        _check(
+            data.tile_overlap == 0,
+            f"data.tile_overlap={data.tile_overlap}: applies to tiles only; set data.tile too",
+        )
+    else:
+        _check(
+            0 <= data.tile_overlap < data.tile,
+            f"data.tile_overlap={data.tile_overlap}: must lie in 0..{data.tile - 1} "
+            f"(below data.tile={data.tile})",
+        )
+    _check(data.roi is None or data.roi.strip() != "", "data.roi: give a mask file or null")
 
 
 def _check_prototype(proto: PrototypeConfig) -> None:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from cpkp import runio
 from cpkp.api import Detector
 from cpkp.data.dataset import ImageDataset, validate_images
+from cpkp.data.images import load_mask, resize_mask
 from cpkp.data.records import Sample
 from cpkp.errors import DatasetError
 from cpkp.html_report import write_run_report
@@ -72,39 +73,49 @@ def run_test(
     if not samples:
         raise DatasetError("the test split holds no images")
     validate_images(samples)
-    dataset = ImageDataset(samples, detector.image_size)
-    outputs = _score_all(detector, dataset, progress)
+    dataset = ImageDataset(samples, detector.image_size)  # squashed, for overlays and report
+    outputs = _score_all(detector, samples, progress)
     outputs.metrics = _metrics(outputs)
     if out_dir is not None:
         write_outputs(detector, dataset, outputs, Path(out_dir), overlays, report)
     return outputs
 
 
-def _score_all(detector: Detector, dataset: ImageDataset, progress: bool) -> TestOutputs:
+def _score_all(detector: Detector, samples: list[Sample], progress: bool) -> TestOutputs:
+    """Score every sample as ``predict`` does; maps and masks on the S x S evaluation grid.
+
+    Scores come from each image's own map (tiles stitched, padding cut off, inside the region
+    of interest); the maps are then brought to S x S, where the masks are (DESIGN.md §1.4),
+    so that every resize mode is evaluated on the same grid.
+    """
+    side = detector.image_size
     scores = {p: [] for p in PARTS}
     maps = {p: [] for p in PARTS}
-    masks, labels, kp_index = [], [], []
-    loader = detector._loader(dataset)
-    for batch in tqdm(loader, desc="testing", disable=not progress):
-        result = detector.score_batch(batch["image"])
-        parts = {"fused": result.maps, "kd": result.kd_maps, "kp": result.kp_maps}
-        for name, m in parts.items():
-            if m is None:
-                continue
-            maps[name].append(m[:, 0].cpu().float().numpy())
-            scores[name].append(m.flatten(1).amax(1).cpu().float().numpy())
-        masks.append(batch["mask"][:, 0].numpy() > 0.5)
-        labels.append(batch["label"].numpy())
-        if result.kp_index is not None:
-            kp_index.append(result.kp_index.cpu().numpy())
+    masks, kp_index = [], []
+    stream = detector.image_maps(samples, parts=True)
+    for item in tqdm(stream, total=len(samples), desc="testing", disable=not progress):
+        for name in PARTS:
+            if name in item.maps:
+                maps[name].append(item.map_at((side, side), name).numpy())
+                scores[name].append(item.score(name))
+        masks.append(_mask(samples[item.index], item.layout.image, side))
+        if item.kp_index is not None:
+            kp_index.append(item.kp_index.numpy())
     return TestOutputs(
-        samples=list(dataset.samples),
-        scores={k: np.concatenate(v) for k, v in scores.items() if v},
-        maps={k: np.concatenate(v) for k, v in maps.items() if v},
-        masks=np.concatenate(masks),
-        labels=np.concatenate(labels).astype(int),
-        kp_index=np.concatenate(kp_index) if kp_index else None,
+        samples=samples,
+        scores={k: np.asarray(v, dtype=np.float32) for k, v in scores.items() if v},
+        maps={k: np.stack(v) for k, v in maps.items() if v},
+        masks=np.stack(masks),
+        labels=np.array([s.label for s in samples], dtype=int),
+        kp_index=np.stack(kp_index) if kp_index else None,
     )
+
+
+def _mask(sample: Sample, size: tuple[int, int], side: int) -> np.ndarray:
+    """The sample's ground truth at side x side: [side, side] bool (all False without one)."""
+    if not sample.masks:
+        return np.zeros((side, side), dtype=bool)
+    return resize_mask(load_mask(sample.masks, size), side)[0].numpy() > 0.5
 
 
 def _metrics(outputs: TestOutputs) -> dict[str, Any]:

@@ -20,13 +20,21 @@ Files written by :func:`export_onnx`::
 
     model.onnx   input "image" [B, 3, H, W] float32 in [0, 1], any B, H, W; outputs
                  "scores" [B] and "maps" [B, 1, S, S] at the model size S
-    model.json   input size, normalisation, thresholds, calibration, cpkp version, source run
+    model.json   input size, normalisation, thresholds, calibration, cpkp version, source run,
+                 the run's geometry (resize mode, tiles) and region of interest
+
+The graph squashes its input to S x S. A run trained with ``data.resize: aspect`` or with tiles
+scores S x S views instead: :class:`OnnxDetector` cuts each image into the views with
+:mod:`cpkp.geometry`, runs the graph on them (its resize is then the identity) and stitches the
+maps back, exactly as :meth:`cpkp.api.Detector.predict` does; it does so in every mode.
 """
 
 from __future__ import annotations
 
+import base64
 import copy
 import datetime
+import io
 import logging
 import time
 import warnings
@@ -37,18 +45,30 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 from torch.onnx.operators import shape_as_tensor
+from torch.utils.data import DataLoader
 
 import cpkp
 from cpkp import runio
-from cpkp.api import Detector, ImageInput, Prediction, _image_list, _require_finite
+from cpkp.api import (
+    Detector,
+    ImageInput,
+    Prediction,
+    _image_list,
+    _require_finite,
+    _single_thread_worker,
+    prediction_from,
+    stream_image_maps,
+    tensor_views,
+)
 from cpkp.config import PrototypeConfig
-from cpkp.data.dataset import as_sample
-from cpkp.data.images import load_image
-from cpkp.errors import CheckpointError, ConfigError
+from cpkp.data.dataset import ImageDataset
+from cpkp.errors import CheckpointError, ConfigError, DatasetError
+from cpkp.geometry import Geometry
 from cpkp.prototype import f_agg
-from cpkp.scoring import fuse, gaussian_smooth, image_scores, kd_map, resize_maps
+from cpkp.scoring import fuse, gaussian_smooth, image_scores, kd_map
 
 logger = logging.getLogger(__name__)
 
@@ -481,6 +501,8 @@ def _export_meta(detector: Detector, run_dir: Path) -> dict[str, Any]:
         },
         "thresholds": {"image": cal.image_threshold, "pixel": cal.pixel_threshold},
         "calibration": cal.to_dict(),
+        "geometry": _geometry_meta(detector.geometry),
+        "roi": _roi_meta(detector.roi),
         "scoring": {
             "fusion": cfg.scoring.fusion,
             "gamma": cfg.scoring.gamma,
@@ -526,6 +548,8 @@ class OnnxDetector:
         self.image_threshold = float(self.meta["thresholds"]["image"])
         self.pixel_threshold = float(self.meta["thresholds"]["pixel"])
         self.batch_size = int(self.meta.get("batch_size") or 8)
+        self.geometry = _geometry_from_meta(self.meta, self.path.with_suffix(".json"))
+        self.roi = _roi_from_meta(self.meta, self.path.with_suffix(".json"))
 
     def score_batch(self, images: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Scores [B] and maps [B, 1, S, S] at the model size.
@@ -541,74 +565,107 @@ class OnnxDetector:
         return scores, maps
 
     def predict(
-        self, images: ImageInput | Tensor, batch_size: int | None = None
+        self,
+        images: ImageInput | Tensor,
+        batch_size: int | None = None,
+        workers: int | None = None,
     ) -> list[Prediction]:
         """Score images of any size; maps come back at each image's own size.
 
-        An image is anomalous when its score is strictly above the image threshold, a pixel
-        when its value is strictly above the pixel threshold, as in :meth:`Detector.predict`.
+        The predictions of :meth:`cpkp.api.Detector.predict`: the same views (the run's
+        geometry), the same stitching, region of interest and thresholds; only the views' maps
+        come from the graph. An image is anomalous when its score is strictly above the image
+        threshold, a pixel when its value is strictly above the pixel threshold.
 
         Args:
             images: paths / Sample records, a folder of images, or a tensor [B, 3, H, W] in
                 [0, 1] (or uint8).
-            batch_size: images per run of the graph (default: the training batch size).
-                Consecutive images of one size share a run.
+            batch_size: model inputs per run of the graph, a tile counting as one (default:
+                the training batch size).
+            workers: data-loader processes reading the images (default: none).
 
         Raises:
             ImageError: an image cannot be read.
             ScoringError: a score or map is NaN or infinite.
         """
+        return _require_finite(list(self.iter_predict(images, batch_size, workers)))
+
+    def iter_predict(
+        self,
+        images: ImageInput | Tensor,
+        batch_size: int | None = None,
+        workers: int | None = None,
+    ) -> Iterator[Prediction]:
+        """:meth:`predict` image by image, in input order, without the finiteness check."""
         step = batch_size or self.batch_size
         if isinstance(images, Tensor):
-            batches = [
-                (
-                    [f"tensor[{i}]" for i in range(s, min(s + step, len(images)))],
-                    images[s : s + step],
-                )
-                for s in range(0, len(images), step)
-            ]
+            if images.dtype == torch.uint8:
+                images = images.float() / 255.0
+            batches = tensor_views(images, self.geometry, step)
         else:
-            batches = _same_size_batches(_image_list(images), step)
-        out = []
-        for names, batch in batches:
-            scores, maps = self.score_batch(batch)
-            size = tuple(batch.shape[-2:])
-            for name, score, m in zip(
-                names, scores, resize_maps(torch.from_numpy(maps), [size] * len(names))
-            ):
-                out.append(self._prediction(name, float(score), m[0].numpy()))
-        return _require_finite(out)
+            items = _image_list(images)
+            if len(items) == 0:
+                raise DatasetError("no images were given")
+            batches = DataLoader(
+                ImageDataset(items, self.image_size, self.geometry),
+                batch_size=step,
+                num_workers=workers or 0,
+                worker_init_fn=_single_thread_worker if workers else None,
+            )
+        for item in stream_image_maps(batches, self._score_views, self.geometry, self.roi):
+            yield prediction_from(item, self.image_threshold, self.pixel_threshold)
 
-    def _prediction(self, path: str, score: float, amap: np.ndarray) -> Prediction:
-        return Prediction(
-            path=path,
-            score=score,
-            is_anomalous=score > self.image_threshold,
-            map=amap.astype(np.float32),
-            mask=amap > self.pixel_threshold,
+    def _score_views(self, views: Tensor) -> dict[str, Tensor]:
+        """The graph's fused, smoothed maps of S x S views: {"fused": [B, 1, S, S]}."""
+        _, maps = self.score_batch(views)
+        return {"fused": torch.from_numpy(maps)}
+
+
+def _geometry_meta(geometry: Geometry) -> dict[str, Any]:
+    """How model.json describes the views the graph is run on."""
+    meta: dict[str, Any] = geometry.to_dict()
+    meta["description"] = geometry.describe()
+    if geometry.mode != "squash":
+        meta["note"] = (
+            "run the graph on S x S views cut as cpkp.geometry cuts them and stitch the maps "
+            "back; cpkp.export.OnnxDetector does both"
         )
+    return meta
 
 
-def _same_size_batches(
-    images: Sequence[Any], batch_size: int
-) -> Iterator[tuple[list[str], np.ndarray]]:
-    """Read images in order; yield runs of at most ``batch_size`` images of one size.
+def _geometry_from_meta(meta: dict[str, Any], source: Path) -> Geometry:
+    """The geometry model.json names; exports without one squash, as they all did."""
+    size = int(meta["image_size"])
+    raw = meta.get("geometry") or {}
+    try:
+        return Geometry(
+            size,
+            str(raw.get("resize", "squash")),
+            int(raw.get("tile", 0)),
+            int(raw.get("overlap", 0)),
+        )
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{source}: invalid 'geometry' entry {raw!r} ({err})") from err
 
-    Yields:
-        The paths and their images [B, 3, H, W] float32 in [0, 1].
-    """
-    names: list[str] = []
-    pixels: list[np.ndarray] = []
-    for item in images:
-        path = as_sample(item).image
-        image = load_image(path).transpose(2, 0, 1)
-        if pixels and (image.shape != pixels[0].shape or len(pixels) == batch_size):
-            yield names, np.stack(pixels)
-            names, pixels = [], []
-        names.append(str(path))
-        pixels.append(image)
-    if pixels:
-        yield names, np.stack(pixels)
+
+def _roi_meta(roi: Tensor | None) -> dict[str, Any] | None:
+    """The region of interest as a base64 PNG (0/255), so that model.json carries it."""
+    if roi is None:
+        return None
+    buffer = io.BytesIO()
+    Image.fromarray(roi.numpy().astype(np.uint8) * 255).save(buffer, "PNG")
+    return {"png_base64": base64.b64encode(buffer.getvalue()).decode("ascii")}
+
+
+def _roi_from_meta(meta: dict[str, Any], source: Path) -> Tensor | None:
+    raw = meta.get("roi")
+    if raw is None:
+        return None
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(raw["png_base64"]))) as im:
+            return torch.from_numpy(np.asarray(im.convert("L")) > 0)
+    except Exception as err:  # a damaged entry: base64, PNG or key errors
+        raise CheckpointError(f"{source}: the 'roi' entry cannot be decoded ({err})") from err
 
 
 def _read_meta(onnx_path: Path) -> dict[str, Any]:

@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 SEARCH_CHUNK = 4096  # query rows per block of the nearest-prototype search
 BLOCK_ELEMENTS = 1 << 24  # distance values per block (64 MiB of float32) in the search
+CACHE_ELEMENTS = 1 << 20  # distance values per matrix product (4 MiB) in the search
 MAX_POOL = 65_536  # largest candidate pool of the coreset selection
 COMPACT_EVERY = 32  # coreset steps between pool compactions
 UPDATE_BLOCK = 1 << 20  # distance values per block (4 MiB, cache-sized) in coreset updates
@@ -621,7 +622,7 @@ class _PooledKCenter:
 
 
 @contextlib.contextmanager
-def _exact_float32(device: torch.device) -> Iterator[None]:
+def exact_float32(device: torch.device) -> Iterator[None]:
     """No autocast and no TF32 inside: prototype distances stay float32 (DESIGN.md §1.5)."""
     if device.type != "cuda":
         with torch.autocast(device.type, enabled=False):
@@ -647,8 +648,10 @@ def nearest_prototype(
 
     ``||q - k||^2 = ||q||^2 - 2 q.k + ||k||^2`` in float32, clamped at 0, over blocks of
     ``chunk_size`` queries and at most ``BLOCK_ELEMENTS / chunk_size`` prototypes, so memory
-    stays bounded. Both sides are first shifted by the prototypes' mean (distances do not
-    change; the cancellation error does). Ties go to the lowest prototype index.
+    stays bounded. On a CPU each matrix product takes only as many queries as keep its
+    distances near ``CACHE_ELEMENTS``, so the minimum reads them from cache. Both sides are
+    first shifted by the prototypes' mean (distances do not change; the cancellation error
+    does). Ties go to the lowest prototype index.
 
     Args:
         queries: ``[N, D]`` any float dtype.
@@ -664,17 +667,20 @@ def nearest_prototype(
     device = queries.device
     n, m = len(queries), len(prototypes)
     block = max(1, BLOCK_ELEMENTS // chunk_size)
+    rows_per_product = chunk_size
+    if device.type == "cpu":
+        rows_per_product = min(chunk_size, max(256, CACHE_ELEMENTS // min(m, block)))
     best = torch.full((n,), math.inf, device=device)
     index = torch.zeros(n, dtype=torch.int64, device=device)
-    with _exact_float32(device):
+    with exact_float32(device):
         shift = prototypes.float().mean(0) if m <= block else _mean_chunked(prototypes, block)
         for p_start in range(0, m, block):
             keys = prototypes[p_start : p_start + block].float() - shift
             keys_sq = keys.square().sum(1)
             if exclude is not None:
                 keys_sq[exclude[p_start : p_start + block]] = math.inf
-            for q_start in range(0, n, chunk_size):
-                rows = slice(q_start, q_start + chunk_size)
+            for q_start in range(0, n, rows_per_product):
+                rows = slice(q_start, q_start + rows_per_product)
                 q = queries[rows].float() - shift
                 # ||q||^2 is the same for every key, so it joins after the minimum.
                 values, found = torch.addmm(keys_sq, q, keys.T, alpha=-2.0).min(1)
@@ -728,7 +734,7 @@ def kp_distance(queries: Tensor, prototypes: Tensor, chunk_size: int = SEARCH_CH
         ``[N]`` float32 distances, differentiable with respect to ``queries``.
     """
     _, index = nearest_prototype(queries.detach(), prototypes, chunk_size)
-    with _exact_float32(queries.device):
+    with exact_float32(queries.device):
         diff = queries.float() - prototypes[index].float()
         return torch.sqrt(diff.square().sum(1) + KP_EPS)
 
@@ -760,8 +766,31 @@ def build_prototype(
         The prototype, on the CPU.
     """
     device = torch.device(device)
-    bank, provenance, (h, w) = monitor_bank(monitor, loader, cfg, device, seed, progress)
+    bank, provenance, grid = monitor_bank(monitor, loader, cfg, device, seed, progress)
+    return select_prototype(bank, provenance, grid, cfg, device, seed, progress)
 
+
+def select_prototype(
+    bank: Tensor,
+    provenance: Tensor,
+    grid: tuple[int, int],
+    cfg: PrototypeConfig,
+    device: torch.device | str,
+    seed: int = 0,
+    progress: bool = True,
+) -> Prototype:
+    """K = Coreset(bank, M), each prototype with its provenance.
+
+    Args:
+        bank: ``[N, D]`` float16 patch vectors (:func:`monitor_bank`, :func:`merge_banks`).
+        provenance: ``[N, 3]`` int64 (image index, grid y, grid x) of each row.
+        grid: the prototype grid ``(h, w)``.
+        cfg: the prototype options.
+        device: where the selection runs.
+        seed: seed of the projection.
+        progress: show a tqdm progress bar.
+    """
+    h, w = grid
     m = coreset_size(len(bank), cfg)
     logger.info(
         "prototype: bank of %d patch vectors x %d dims (%.1f MiB float16); M = %d prototypes; "
@@ -778,6 +807,49 @@ def build_prototype(
         bank, m, cfg.projection_dim, cfg.chunk_size, seed=seed, progress=progress, device=device
     )
     return Prototype(bank[chosen].clone(), provenance[chosen].clone(), (h, w))
+
+
+def merge_banks(
+    banks: Sequence[Tensor],
+    provenances: Sequence[Tensor],
+    grid: tuple[int, int],
+    cfg: PrototypeConfig,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """One bank from the banks of disjoint sets of images (one per data-parallel rank).
+
+    The rows are put in (image, y, x) order, the order in which :func:`build_bank` meets them
+    in a single pass over the images, and a bank above ``cfg.max_bank`` is subsampled by the
+    same reservoir. When no part was subsampled on its own, the result is bit for bit the bank
+    of a single pass.
+
+    Args:
+        banks: ``[n_r, D]`` float16 patch vectors per part.
+        provenances: ``[n_r, 3]`` int64 (image index, grid y, grid x) per part.
+        grid: the prototype grid ``(h, w)``.
+        cfg: the prototype options (``max_bank``, ``chunk_size``).
+        seed: seed of the subsample.
+
+    Returns:
+        ``bank [N, D]`` and ``provenance [N, 3]``, ``N <= cfg.max_bank``.
+    """
+    bank, provenance = torch.cat(list(banks)), torch.cat(list(provenances))
+    h, w = grid
+    order = torch.argsort((provenance[:, 0] * h + provenance[:, 1]) * w + provenance[:, 2])
+    bank, provenance = bank[order], provenance[order]
+    if len(bank) <= cfg.max_bank:
+        return bank, provenance
+    reservoir = _Reservoir(cfg.max_bank, seed)
+    for start in range(0, len(bank), cfg.chunk_size):
+        stop = start + cfg.chunk_size
+        reservoir.add(bank[start:stop], provenance[start:stop])
+    logger.info(
+        "patch bank of %d vectors subsampled at random to prototype.max_bank=%d (seed %d)",
+        len(bank),
+        cfg.max_bank,
+        seed,
+    )
+    return reservoir.result()
 
 
 def monitor_bank(

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from cpkp import distributed
 from cpkp.config import Config
 from cpkp.errors import TrainingError
 from cpkp.losses import kd_loss, kp_loss
@@ -100,6 +101,39 @@ class CoProgressionTrainer:
         self.teacher_params = [p for p in teacher.parameters() if p.requires_grad]
         self.optim_student = _optimizer(student.parameters(), config, config.train.lr_student)
         self.optim_teacher = _optimizer(self.teacher_params, config, config.train.lr_teacher)
+        self._student_step_net: nn.Module = student  # its DDP wrapper inside data_parallel()
+        self._average_teacher_grads = False
+
+    @contextlib.contextmanager
+    def data_parallel(self, device: torch.device) -> Iterator[None]:
+        """Inside the block, train data-parallel over the process group (if one is active).
+
+        The student step runs through ``DistributedDataParallel``, which averages the student's
+        gradients across ranks during ``backward``; on GPUs the student's BatchNorm becomes
+        SyncBatchNorm for the block (statistics of the global batch), and is plain BatchNorm
+        again afterwards, sharing the same parameters and buffers. The teacher's gradients are
+        averaged explicitly (see :meth:`_average`). The recompute of step 4 calls the bare
+        student: it needs no gradient synchronisation.
+
+        Args:
+            device: this rank's device (``cuda:LOCAL_RANK`` or the CPU).
+        """
+        from torch.nn.parallel import DistributedDataParallel
+
+        if not distributed.active():
+            yield
+            return
+        swapped = to_sync_batchnorm(self.student) if device.type == "cuda" else []
+        self._student_step_net = DistributedDataParallel(
+            self.student, device_ids=[device.index] if device.type == "cuda" else None
+        )
+        self._average_teacher_grads = True
+        try:
+            yield
+        finally:
+            self._student_step_net = self.student
+            self._average_teacher_grads = False
+            restore_batchnorm(swapped)
 
     @property
     def teacher_steps(self) -> bool:
@@ -112,7 +146,7 @@ class CoProgressionTrainer:
 
         with torch.no_grad():
             teacher_feats = self.teacher(x)
-        loss = self._kd(teacher_feats, self.student(x, teacher_feats))
+        loss = self._kd(teacher_feats, self._student_step_net(x, teacher_feats))
         self.optim_student.zero_grad(set_to_none=True)
         loss.backward()
         self.optim_student.step()
@@ -171,10 +205,11 @@ class CoProgressionTrainer:
             total = (1.0 - alpha) * parts["kd"]
             if "kp" in parts:
                 total = total + alpha * parts["kp"]
-            return _grads(total, params)
+            return self._average(_grads(total, params))
 
         g_kp = _grads(parts["kp"], params, retain_graph=True)
         g_kd = _grads(parts["kd"], params)
+        self._average(g_kp + g_kd)  # the diagnostics then describe the global batch
         flat_kp = torch.cat([g.flatten() for g in g_kp])
         flat_kd = torch.cat([g.flatten() for g in g_kd])
         result.grad_kp_norm = float(flat_kp.norm())
@@ -182,6 +217,20 @@ class CoProgressionTrainer:
         denom = flat_kp.norm() * flat_kd.norm()
         result.grad_cosine = float(flat_kp @ flat_kd / denom) if denom > 0 else None
         return [alpha * a + (1.0 - alpha) * b for a, b in zip(g_kp, g_kd)]
+
+    def _average(self, grads: list[Tensor]) -> list[Tensor]:
+        """The teacher's gradients averaged across ranks (in place) inside data_parallel().
+
+        The teacher is not wrapped in DistributedDataParallel: its gradients come from
+        ``torch.autograd.grad`` (the teacher's only, never the student's .grad), and DDP's
+        reducer fires only on ``.backward()``, so a DDP teacher would average nothing and then
+        refuse the next forward for an unfinished reduction. The average of the ranks'
+        gradients of their mean losses is the gradient of the global batch's mean loss.
+        """
+        if self._average_teacher_grads:
+            # NOTE: explicit all-reduce, no DDP wrapper: autograd.grad bypasses DDP's reducer.
+            distributed.all_reduce_mean_(grads)
+        return grads
 
     def _kd(self, teacher_feats: list[Tensor], student_feats: list[Tensor]) -> Tensor:
         return kd_loss(teacher_feats, student_feats, self.config.train.kd_loss)
@@ -217,6 +266,55 @@ def recalibrate_batchnorm(
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     student.eval()
+
+
+def average_running_stats(module: nn.Module) -> None:
+    """Average BatchNorm running statistics across ranks, weighted by the batches each saw.
+
+    After :func:`recalibrate_batchnorm` on each rank's share of the images, every running mean
+    and variance is a cumulative average over that rank's batches; weighting by
+    ``num_batches_tracked`` gives the average over all ranks' batches, the same on every rank.
+    """
+    if not distributed.active():
+        return
+    norms = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    for m in norms:
+        count = m.num_batches_tracked.to(m.running_mean.dtype)
+        stats = torch.cat([m.running_mean * count, m.running_var * count, count.reshape(1)])
+        distributed.all_reduce_sum_(stats)
+        total = stats[-1].clamp_min(1.0)
+        c = m.num_features
+        m.running_mean.copy_(stats[:c] / total)
+        m.running_var.copy_(stats[c : 2 * c] / total)
+        m.num_batches_tracked.copy_(stats[-1].round().long())
+
+
+def to_sync_batchnorm(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Swap every BatchNorm inside ``module`` for a SyncBatchNorm sharing its tensors.
+
+    timm's converter keeps the activation of its BatchNormAct2d layers (the FD student's
+    EfficientNet), which torch's own converter would drop. The new layers use the same
+    parameter and running-statistic tensors, so optimisers keep working on them.
+
+    Returns:
+        ``(parent, name, original)`` per swapped layer, for :func:`restore_batchnorm`.
+    """
+    from timm.layers import convert_sync_batchnorm
+
+    swapped = []
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, _BatchNorm) and not isinstance(child, nn.SyncBatchNorm):
+                setattr(parent, name, convert_sync_batchnorm(child))
+                swapped.append((parent, name, child))
+    return swapped
+
+
+def restore_batchnorm(swapped: list[tuple[nn.Module, str, nn.Module]]) -> None:
+    """Put back the layers :func:`to_sync_batchnorm` swapped out (same tensors, same mode)."""
+    for parent, name, original in swapped:
+        original.train(getattr(parent, name).training)
+        setattr(parent, name, original)
 
 
 def check_finite(result: StepResult, epoch: int, batch: int) -> None:

@@ -1,7 +1,8 @@
-"""A torch Dataset over samples or image paths, and an up-front check of every file.
+"""A torch Dataset of model inputs cut from samples or image paths, and a check of every file.
 
-Images come out resized to the model's square input and in [0, 1], not normalised: each
-backbone applies its own mean and std (DESIGN.md §1.2).
+Images come out at the model's square input and in [0, 1], not normalised: each backbone
+applies its own mean and std (DESIGN.md §1.2). How an image becomes inputs (squashed, resized
+with its aspect ratio kept, or cut into tiles) is :mod:`cpkp.geometry`'s business.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from cpkp.data.images import check_image, load_image, load_mask, resize_image, resize_mask
+from cpkp.data.images import check_image, image_shape, image_tensor, load_image, load_mask
 from cpkp.data.records import UNKNOWN_LABEL, Sample
 from cpkp.errors import ImageError
+from cpkp.geometry import Geometry, Layout, cut_views, mask_views, resize_to
 
 logger = logging.getLogger(__name__)
 
@@ -31,50 +33,93 @@ def as_sample(item: Sample | str | Path) -> Sample:
 
 
 class ImageDataset(Dataset):
-    """Images (and their masks) resized to image_size x image_size.
+    """The model inputs (views) of images and their masks, one item per view.
 
-    Each item is a dict that torch's default collate batches:
+    Without tiling every image gives one view, so item ``i`` is image ``i``; with tiles, the
+    views of one image are consecutive items, row by row. Each item is a dict that torch's
+    default collate batches:
 
-    - ``"image"``: [3, S, S] float32 in [0, 1], bilinear with antialiasing, no crop.
-    - ``"mask"``: [1, S, S] float32 in {0, 1} (nearest neighbour); zeros without a mask.
+    - ``"image"``: [3, S, S] float32 in [0, 1] (bilinear with antialiasing, no crop).
+    - ``"mask"``: [1, S, S] float32 in {0, 1}, cut like the image (nearest neighbour, zero
+      padding); zeros without a mask.
     - ``"label"``: int, 0 normal, 1 defect, -1 unknown (a bare path).
-    - ``"index"``: int, the position in ``samples``.
-    - ``"size"``: [2] int64, the original (H, W).
+    - ``"index"``: int, the item's position (for a training set: the prototype provenance).
+    - ``"owner"``: int, the image's position in ``samples``.
+    - ``"view"``, ``"views"``: int, this view's number and the image's number of views.
+    - ``"size"``: [2] int64, the image's own (H, W).
     - ``"path"``: str, the image file.
 
     Args:
         samples: :class:`Sample` records or image paths.
-        image_size: side S of the square the images are resized to.
+        image_size: side S of the model input.
+        geometry: how images become views (default: squashed to S x S). With tiles, every
+            image's size is read from its header here, to count its views.
     """
 
-    def __init__(self, samples: Sequence[Sample | str | Path], image_size: int) -> None:
+    def __init__(
+        self,
+        samples: Sequence[Sample | str | Path],
+        image_size: int,
+        geometry: Geometry | None = None,
+    ) -> None:
         if int(image_size) != image_size or image_size < 1:
             raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
         self.samples = [as_sample(s) for s in samples]
         self.image_size = int(image_size)
+        self.geometry = geometry or Geometry(self.image_size)
+        if self.geometry.size != self.image_size:
+            raise ValueError(f"geometry size {self.geometry.size} != image_size {image_size}")
+        counts = [1] * len(self.samples)
+        if not self.geometry.single_view:
+            counts = [len(self._layout(image_shape(s.image)).views) for s in self.samples]
+        self.counts = counts
+        self.owners = torch.repeat_interleave(
+            torch.arange(len(counts)), torch.tensor(counts, dtype=torch.long)
+        )
+        self.starts = [0, *torch.tensor(counts, dtype=torch.long).cumsum(0).tolist()][:-1]
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.owners)
+
+    def views_of(self, image: int) -> range:
+        """The item indices of image ``image``'s views."""
+        return range(self.starts[image], self.starts[image] + self.counts[image])
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int | str]:
-        index = range(len(self.samples))[index]  # negative indices count from the end
-        sample = self.samples[index]
+        index = range(len(self))[index]  # negative indices count from the end
+        owner = int(self.owners[index])
+        view = index - self.starts[owner]
+        sample = self.samples[owner]
         image = load_image(sample.image)
         height, width = image.shape[:2]
+        layout = self._layout((height, width))
+        if len(layout.views) != self.counts[owner]:
+            raise ImageError(
+                f"{sample.image}: the image changed size while being read "
+                f"({height}x{width} gives {len(layout.views)} tiles, not {self.counts[owner]})"
+            )
 
+        size = self.image_size
         if sample.masks:
-            mask = resize_mask(load_mask(sample.masks, (height, width)), self.image_size)
+            mask = torch.from_numpy(load_mask(sample.masks, (height, width)))
+            mask = mask_views(mask, layout, [view])[0]
         else:
-            mask = torch.zeros(1, self.image_size, self.image_size)
-
+            mask = torch.zeros(1, size, size)
+        canvas = resize_to(image_tensor(image), layout.canvas)
         return {
-            "image": resize_image(image, self.image_size),
+            "image": cut_views(canvas, layout, [view])[0],
             "mask": mask,
             "label": sample.label,
             "index": index,
+            "owner": owner,
+            "view": view,
+            "views": self.counts[owner],
             "size": torch.tensor([height, width], dtype=torch.long),
             "path": str(sample.image),
         }
+
+    def _layout(self, shape: tuple[int, int]) -> Layout:
+        return self.geometry.layout(*shape)
 
 
 def validate_images(samples: Sequence[Sample | str | Path]) -> None:

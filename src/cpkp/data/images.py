@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import tifffile
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from cpkp.errors import ImageError
+from cpkp.geometry import resize_to
 
 logger = logging.getLogger(__name__)
 
@@ -180,18 +180,46 @@ def resize_image(image: np.ndarray, size: int) -> torch.Tensor:
     Returns:
         image: [3, size, size] float32 in [0, 1]; bilinear with antialiasing when shrinking.
     """
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"resize_image expects an [H, W, 3] array, got shape {image.shape}")
     _check_size(size)
+    return resize_to(image_tensor(image), (size, size))
 
-    x = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1).contiguous()
-    if x.shape[1:] == (size, size):
-        return x
 
-    x = F.interpolate(
-        x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True
-    )
-    return x[0].clamp_(0.0, 1.0)
+def image_tensor(image: np.ndarray) -> torch.Tensor:
+    """An image as :func:`load_image` returns it, [H, W, 3], as a [3, H, W] float32 tensor."""
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an [H, W, 3] image array, got shape {image.shape}")
+    return torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1).contiguous()
+
+
+def image_shape(path: str | Path) -> tuple[int, int]:
+    """(H, W) of an image file, from its header where Pillow can read it.
+
+    Raises:
+        ImageError: as :func:`load_image`, for a file that only a full decode can size.
+    """
+    try:
+        with Image.open(path) as im:
+            return im.height, im.width
+    except Exception:  # Pillow refuses some valid TIFF layouts; the full reader decides
+        return tuple(load_image(path).shape[:2])
+
+
+def load_roi(path: str | Path) -> np.ndarray:
+    """A region-of-interest mask: [H, W] bool, True (any channel non-zero) where to look.
+
+    Raises:
+        ImageError: naming the file, when it cannot be read or holds no non-zero pixel.
+    """
+    try:
+        roi = load_image(path).max(axis=2) > 0
+    except ImageError as err:
+        raise ImageError(f"data.roi: the region-of-interest mask cannot be read: {err}") from err
+    if not roi.any():
+        raise ImageError(
+            f"{path}: the region-of-interest mask (data.roi) has no non-zero pixel, so no "
+            "pixel would be scored; mark the region to inspect with non-zero values"
+        )
+    return roi
 
 
 def resize_mask(mask: np.ndarray, size: int) -> torch.Tensor:
