@@ -669,6 +669,17 @@ def test_disk_errors_are_one_line(trained, tmp_path, capsys):
     assert str(target) in line
 
 
+def test_predict_refuses_an_output_folder_among_the_inputs(trained, tmp_path, capsys):
+    _, data, run = trained
+    folder = tmp_path / "images"
+    shutil.copytree(data / "cat" / "test" / "good", folder)
+    before = sorted(p.name for p in folder.iterdir())
+    for out in (folder, folder / "maps"):
+        line = _fails(["-q", "predict", "--run", str(run), str(folder), "--out", str(out)], capsys)
+        assert f"--out {out}: lies in the input folder {folder}" in line
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
 def test_a_test_without_overlays_removes_the_previous_tests_overlays(trained, run_copy, capsys):
     assert main(["-q", "test", "--run", str(run_copy), "--no-report"]) == 0
     assert list((run_copy / runio.OVERLAYS_DIR).glob("*.png"))

@@ -536,6 +536,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     paths = _expand_inputs(args.paths)
     if not paths:
         raise ConfigError("no image files found in the given paths")
+    _check_out_outside_inputs(Path(args.out), args.paths)
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):
         if value is not None and value < low:
             raise ConfigError(f"{flag} {value}: must be at least {low}")
@@ -706,6 +707,7 @@ def cmd_add_normal(args: argparse.Namespace) -> int:
     paths = _expand_inputs(args.paths)
     if not paths:
         raise ConfigError("no image files found in the given paths")
+    _check_out_outside_inputs(Path(args.out), args.paths)
     detector = Detector.load(run)
     start = time.perf_counter()
     # Every image is checked and everything computed before the run folder is touched.
@@ -749,6 +751,22 @@ def _expand_inputs(items: list[str]) -> list[Path]:
         else:
             raise ConfigError(f"{p}: no such file or folder")
     return paths
+
+
+def _check_out_outside_inputs(out: Path, items: list[str]) -> None:
+    """Refuse an output folder that is an input folder (or inside one).
+
+    Its heat maps and masks would lie among the images, and the next predict on that folder
+    would score them as images.
+    """
+    target = out.resolve()
+    for item in items:
+        folder = Path(item).resolve()
+        if folder.is_dir() and (target == folder or folder in target.parents):
+            raise ConfigError(
+                f"--out {out}: lies in the input folder {item}; the heat maps and masks would "
+                "mix with the images (and be scored as images next time): choose another folder"
+            )
 
 
 def _opt_path(value: str | None) -> Path | None:
