@@ -517,6 +517,36 @@ def test_predict_skips_unreadable_files_lists_them_and_exits_1(trained, tmp_path
     ]
 
 
+def test_predict_skips_a_file_only_the_full_decode_rejects(trained, tmp_path, capsys, monkeypatch):
+    """The quick check passes it; loading it for scoring fails: skipped, the rest scored."""
+    from cpkp.data import dataset, images
+
+    _, data, run = trained
+    paths = sorted(str(p) for p in (data / "cat" / "test" / "good").glob("*.png"))
+    assert len(paths) >= 2
+    broken = paths[1]  # in the first batch, after an image of the same batch
+    real_load = images.load_image
+
+    def load(path, *args, **kwargs):
+        if str(path) == broken:
+            raise ImageError(f"{path}: float values outside [0, 1] (simulated)")
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(dataset, "load_image", load)
+    monkeypatch.setattr(images, "load_image", load)
+    out = tmp_path / "out"
+    argv = ["-q", "predict", "--run", str(run), "--out", str(out), "--workers", "0"]
+    code = main([*argv, "--batch-size", "2", *paths])
+    captured = capsys.readouterr()
+    assert code == 1 and "Traceback" not in captured.err
+    assert f"cpkp: skipped {broken}: float values outside [0, 1] (simulated)" in captured.err
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert [r["path"] for r in rows if r["prediction"] == "unreadable"] == [broken]
+    assert [r["path"] for r in rows if r["prediction"] != "unreadable"] == [
+        p for p in paths if p != broken
+    ]
+
+
 def test_other_pixel_modes_are_read_as_rgb(tmp_path):
     cmyk = tmp_path / "cmyk.tif"
     Image.new("CMYK", (4, 3), (0, 255, 0, 0)).save(cmyk)  # full magenta ink

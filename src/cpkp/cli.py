@@ -557,7 +557,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if good:
         batch_size = args.batch_size or runner.batch_size
         workers = _predict_workers(args.workers, runner.workers, len(good), batch_size)
-        predictions = runner.iter_predict(good, batch_size, workers)
+        predictions = _predictions_skipping(runner, good, batch_size, workers, failed)
         bar = tqdm(
             predictions, total=len(good), desc="predicting", unit="image", disable=args.quiet
         )
@@ -667,6 +667,35 @@ def _output_names(paths: list[Path]) -> dict[str, str]:
         taken.add(name)
         names[str(path)] = name
     return names
+
+
+def _predictions_skipping(runner, paths: list[Path], batch_size: int, workers: int, failed):
+    """``runner.iter_predict`` over ``paths``, skipping an image that only a full decode finds
+    unreadable (the quick check passed it): it is reported and added to ``failed``, and
+    scoring starts again after the images already yielded (they come in input order).
+    """
+    from cpkp.data.images import load_image
+
+    remaining = list(paths)
+    while remaining:
+        done = 0
+        try:
+            for pred in runner.iter_predict(remaining, batch_size, workers):
+                done += 1
+                yield pred
+            return
+        except ImageError:
+            # A worker process re-raises the error without its file, so find the file here.
+            for path in remaining[done:]:
+                try:
+                    load_image(path)
+                except ImageError as err:
+                    failed.append(str(path))
+                    print(f"cpkp: skipped {err}", file=sys.stderr)
+                    break
+            else:
+                raise
+            remaining = [p for p in remaining[done:] if p != path]
 
 
 def _write_prediction(pixel_threshold: float, pred, out: Path, name: str) -> None:
