@@ -21,7 +21,7 @@ import yaml
 from PIL import Image
 
 from cpkp import runio
-from cpkp.api import Detector, ImageMaps, stream_image_maps, tensor_views
+from cpkp.api import Detector
 from cpkp.cli import build_parser, config_from_args, main
 from cpkp.config import Config, ConfigError
 from cpkp.data.dataset import ImageDataset
@@ -39,6 +39,7 @@ from cpkp.geometry import (
     to_views,
     valid_views,
 )
+from cpkp.inference import ImageMaps, stream_image_maps, tensor_views
 
 SIDE = 64
 GEOMETRIES = {

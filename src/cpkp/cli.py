@@ -530,8 +530,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
-    from cpkp.api import _require_finite
     from cpkp.data.images import check_image
+    from cpkp.inference import require_finite
 
     paths = _expand_inputs(args.paths)
     if not paths:
@@ -568,7 +568,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         with ThreadPoolExecutor(max_workers=WRITE_THREADS) as pool:
             writing: deque = deque()
             for pred in bar:
-                _require_finite([pred])  # before anything of this image is written
+                require_finite([pred])  # before anything of this image is written
                 name = names[pred.path]
                 job = pool.submit(_write_prediction, runner.pixel_threshold, pred, out, name)
                 writing.append((job, pred, name))

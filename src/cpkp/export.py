@@ -52,21 +52,21 @@ from torch.utils.data import DataLoader
 
 import cpkp
 from cpkp import runio
-from cpkp.api import (
-    Detector,
-    ImageInput,
-    Prediction,
-    _image_list,
-    _require_finite,
-    _single_thread_worker,
-    prediction_from,
-    stream_image_maps,
-    tensor_views,
-)
+from cpkp.api import Detector
 from cpkp.config import PrototypeConfig
 from cpkp.data.dataset import ImageDataset
 from cpkp.errors import CheckpointError, ConfigError, DatasetError
 from cpkp.geometry import Geometry
+from cpkp.inference import (
+    ImageInput,
+    Prediction,
+    image_list,
+    prediction_from,
+    require_finite,
+    single_thread_worker,
+    stream_image_maps,
+    tensor_views,
+)
 from cpkp.prototype import f_agg
 from cpkp.scoring import fuse, gaussian_smooth, image_scores, kd_map
 
@@ -588,7 +588,7 @@ class OnnxDetector:
             ImageError: an image cannot be read.
             ScoringError: a score or map is NaN or infinite.
         """
-        return _require_finite(list(self.iter_predict(images, batch_size, workers)))
+        return require_finite(list(self.iter_predict(images, batch_size, workers)))
 
     def iter_predict(
         self,
@@ -603,14 +603,14 @@ class OnnxDetector:
                 images = images.float() / 255.0
             batches = tensor_views(images, self.geometry, step)
         else:
-            items = _image_list(images)
+            items = image_list(images)
             if len(items) == 0:
                 raise DatasetError("no images were given")
             batches = DataLoader(
                 ImageDataset(items, self.image_size, self.geometry),
                 batch_size=step,
                 num_workers=workers or 0,
-                worker_init_fn=_single_thread_worker if workers else None,
+                worker_init_fn=single_thread_worker if workers else None,
             )
         for item in stream_image_maps(batches, self._score_views, self.geometry, self.roi):
             yield prediction_from(item, self.image_threshold, self.pixel_threshold)
