@@ -281,12 +281,10 @@ class Bench:
         """A Detector with the shared networks (and K of ``n`` images when ``variant`` has one)."""
         config = self.config(variant, size, stride)
         config.train.amp = "bf16" in mode
+        config.train.compile = "compile" in mode  # the library's flag, as `--compile` sets it
         detector = Detector(config)
         detector.teacher = self.monitor
         detector.student = self.student(config.model.variant)
-        if "compile" in mode:
-            detector.teacher = torch.compile(self.monitor)
-            detector.student = torch.compile(detector.student)
         if config.prototype.enabled:
             detector.prototype = self.prototype(n, size, stride)[0]
         return detector
@@ -690,8 +688,9 @@ def modes_section(bench: Bench, results: dict[str, Any]) -> Table:
         )
     table.notes.append(
         "bf16: `train.amp` (autocast of the teacher and student to bfloat16; the prototype "
-        "search, maps and scores stay float32). compile: `torch.compile` of the teacher and "
-        "the student (default mode); *first call* includes the compilation. *vs fp32*: speed-up."
+        "search, maps and scores stay float32). compile: `train.compile` (`--compile`: "
+        "`torch.compile` of the teacher and the student, default mode); *first call* includes "
+        "the compilation. *vs fp32*: speed-up."
     )
     return table
 

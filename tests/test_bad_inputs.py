@@ -547,6 +547,37 @@ def test_predict_skips_a_file_only_the_full_decode_rejects(trained, tmp_path, ca
     ]
 
 
+def test_predict_compile_compiles_each_network_once_and_scores_alike(
+    trained, tmp_path, capsys, monkeypatch
+):
+    _, data, run = trained
+    images = sorted(str(p) for p in (data / "cat" / "test" / "good").glob("*.png"))[:3]
+    argv = ["-q", "predict", "--run", str(run), "--workers", "0", "--batch-size", "1", *images]
+    assert main([*argv, "--out", str(tmp_path / "plain")]) == 0
+
+    compiled, calls = [], []
+
+    def fake_compile(module):  # the real one needs seconds of compilation per network
+        compiled.append(module)
+        return lambda *args: calls.append(module) or module(*args)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    assert main([*argv, "--compile", "--out", str(tmp_path / "compiled")]) == 0
+    assert [type(m).__name__ for m in compiled] == ["FeatureExtractor", "RDStudent"]
+    assert len(calls) == 2 * len(images)  # every batch went through the compiled pair
+    plain, fast = (
+        [r["score"] for r in csv.DictReader((tmp_path / f / "predictions.csv").open())]
+        for f in ("plain", "compiled")
+    )
+    assert fast == plain
+
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"not used")
+    capsys.readouterr()
+    line = _fails(["-q", "predict", "--model", str(model), "--compile", images[0]], capsys)
+    assert line == "cpkp: error: --compile applies to --run; an ONNX model runs as exported"
+
+
 def test_other_pixel_modes_are_read_as_rgb(tmp_path):
     cmyk = tmp_path / "cmyk.tif"
     Image.new("CMYK", (4, 3), (0, 255, 0, 0)).save(cmyk)  # full magenta ink

@@ -159,6 +159,7 @@ class Detector:
         self._train_views: int | None = None  # model inputs of the training images (tiles)
         self._run_dir: Path | None = None  # the run folder it trains into or was loaded from
         self._epochs_done: int | None = None  # as read by load(), which has no epoch logs
+        self._compiled: tuple[tuple[int, int], nn.Module, nn.Module] | None = None
 
     @classmethod
     def from_preset(cls, name: str = "cpu_rd_lite0", **overrides: dict[str, Any]) -> Detector:
@@ -609,6 +610,21 @@ class Detector:
             f"cos {log.grad_cosine:.3f}",
         )
         return log
+
+    def _scoring_networks(self) -> tuple[nn.Module, nn.Module]:
+        """Teacher and student for scoring; with ``train.compile``, their ``torch.compile``.
+
+        Compiled once per pair of network objects and kept beside them (the weights stay
+        shared, so a compiled pair sees training's updates); training always runs the plain
+        modules, whose autograd.grad teacher step and DDP wrapping compilation does not help.
+        """
+        if not self.config.train.compile:
+            return self.teacher, self.student
+        key = (id(self.teacher), id(self.student))
+        if self._compiled is None or self._compiled[0] != key:
+            logger.info("compiling the teacher and the student with torch.compile (first call)")
+            self._compiled = (key, torch.compile(self.teacher), torch.compile(self.student))
+        return self._compiled[1], self._compiled[2]
 
     def _autocast(self):
         if self.config.train.amp and self.device.type == "cuda":
@@ -1064,8 +1080,9 @@ class Detector:
         with torch.inference_mode(), self._autocast():
             self.teacher.eval()
             self.student.eval()
-            teacher_feats = [f.float() for f in self.teacher(x)]
-            student_feats = [f.float() for f in self.student(x, teacher_feats)]
+            teacher, student = self._scoring_networks()
+            teacher_feats = [f.float() for f in teacher(x)]
+            student_feats = [f.float() for f in student(x, teacher_feats)]
         kd = kd_map(teacher_feats, student_feats, size)
         if self.prototype is None:
             return kd, None, None

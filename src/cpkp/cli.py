@@ -149,6 +149,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     _model_option(g, "--seed", int, "random seed")
     _model_option(g, "--device", str, "auto (CUDA when present), cpu, cuda, cuda:1 ...")
     _model_switch(g, "--amp", "bf16 mixed precision for the networks on CUDA")
+    _model_switch(
+        g, "--compile", "torch.compile the networks for scoring (calibration, test, predict)"
+    )
     _model_option(g, "--checkpoint-every", int, "epochs between checkpoints")
     g.add_argument(
         "--set",
@@ -202,6 +205,7 @@ _OVERRIDES = {
     "seed": ("train", "seed"),
     "device": ("train", "device"),
     "amp": ("train", "amp"),
+    "compile": ("train", "compile"),
     "checkpoint_every": ("train", "checkpoint_every"),
 }
 
@@ -621,6 +625,10 @@ def _predictor(args: argparse.Namespace) -> _Predictor:
     if args.model is not None:
         from cpkp.export import OnnxDetector
 
+        for flag in ("amp", "compile"):
+            if getattr(args, flag):
+                raise ConfigError(f"--{flag} applies to --run; an ONNX model runs as exported")
+
         runner = OnnxDetector(args.model)
         return _Predictor(runner.iter_predict, runner.pixel_threshold, runner.batch_size, 0)
 
@@ -629,6 +637,8 @@ def _predictor(args: argparse.Namespace) -> _Predictor:
     run = Path(args.run)
     runio.check_run_dir(run)
     detector = Detector.load(run)
+    detector.config.train.amp |= args.amp
+    detector.config.train.compile |= args.compile
     return _Predictor(
         detector.iter_predict,
         detector.calibration.pixel_threshold,
@@ -1012,6 +1022,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="processes that read and resize the images (default: the run's "
         "data.num_workers, else up to 4, one core fewer than the machine has; none when the "
         "images fit in one batch)",
+    )
+    p.add_argument(
+        "--amp",
+        action="store_true",
+        help="--run on CUDA: bf16 autocast of the networks (default: the run's train.amp)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="--run: torch.compile the networks first; pays off on many images (default: the "
+        "run's train.compile)",
     )
     p.set_defaults(func=cmd_predict)
 

@@ -80,6 +80,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto": CUDA when present, else CPU
     amp: bool = False  # mixed precision for the networks on CUDA
+    compile: bool = False  # torch.compile the teacher and student for scoring (not training)
     checkpoint_every: int = 10  # epochs between checkpoints
     keep_epoch: int | None = None  # None keeps the last epoch
 
