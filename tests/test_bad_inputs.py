@@ -727,7 +727,28 @@ def test_disk_errors_are_one_line(trained, tmp_path, capsys):
     target.write_text("not a folder")
     image = next((data / "cat" / "test" / "good").iterdir())
     line = _fails(["-q", "predict", "--run", str(run), str(image), "--out", str(target)], capsys)
-    assert str(target) in line
+    assert (
+        line
+        == f"cpkp: error: --out {target}: is a file, not a folder; choose a folder for the results"
+    )
+    assert target.read_text() == "not a folder"
+
+
+def test_train_refuses_an_output_folder_among_its_images_and_creates_nothing_on_bad_weights(
+    trained, tmp_path, capsys
+):
+    _, data, _ = trained
+    good = data / "cat" / "train" / "good"
+    before = sorted(p.name for p in good.iterdir())
+    for out in (good, good / "run"):
+        line = _fails(_train_argv(data, out), capsys)
+        assert f"--out {out}: lies in {good.resolve()}, a folder of input images" in line
+    assert sorted(p.name for p in good.iterdir()) == before
+
+    out = tmp_path / "new-run"
+    line = _fails(_train_argv(data, out, "--backbone", "no_such_net"), capsys)
+    assert "no_such_net" in line
+    assert not out.exists()  # not even the log file
 
 
 def test_predict_refuses_an_output_folder_among_the_inputs(trained, tmp_path, capsys):
@@ -735,9 +756,13 @@ def test_predict_refuses_an_output_folder_among_the_inputs(trained, tmp_path, ca
     folder = tmp_path / "images"
     shutil.copytree(data / "cat" / "test" / "good", folder)
     before = sorted(p.name for p in folder.iterdir())
+    image = str(next(folder.iterdir()))
     for out in (folder, folder / "maps"):
-        line = _fails(["-q", "predict", "--run", str(run), str(folder), "--out", str(out)], capsys)
-        assert f"--out {out}: lies in the input folder {folder}" in line
+        for given in (str(folder), image):
+            line = _fails(["-q", "predict", "--run", str(run), given, "--out", str(out)], capsys)
+            assert f"--out {out}: lies in {folder.resolve()}, a folder of input images" in line
+    line = _fails(["-q", "predict", "--run", str(run), image, "--out", str(run)], capsys)
+    assert line == f"cpkp: error: --out {run}: lies in the run folder {run}; choose another folder"
     assert sorted(p.name for p in folder.iterdir()) == before
 
 

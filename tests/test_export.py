@@ -282,9 +282,13 @@ def test_a_model_without_its_json_is_refused(exported, test_images, tmp_path, ca
         OnnxDetector(lone)
     assert main(["-q", "predict", "--model", str(tmp_path / "none.onnx"), test_images[0]]) == 2
     assert main(["-q", "export", "--run", str(tmp_path / "norun")]) == 2
+    assert main(["-q", "predict", "--model", test_images[0], test_images[0]]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith(f"cpkp: error: {tmp_path / 'none.onnx'}: model file not found")
-    assert err[1:] == [f"cpkp: error: {tmp_path / 'norun'}: run folder not found"]
+    assert err[1] == f"cpkp: error: {tmp_path / 'norun'}: run folder not found"
+    assert err[2:] == [
+        f"cpkp: error: --model {test_images[0]}: expected the .onnx file written by `cpkp export`"
+    ]
 
 
 def _read(path: str) -> np.ndarray:

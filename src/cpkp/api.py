@@ -1187,7 +1187,9 @@ class Detector:
         """Teacher, student and prototype from saved tensors (architectures rebuilt quietly)."""
         name = self.config.model.backbone.removeprefix("random:")
         teacher = create_backbone(f"random:{name}", quiet=True)
-        student = create_student(self.config.model.variant, teacher.name, teacher.channels)
+        # The configured name, so that the log says the run's backbone, not the empty shell's.
+        backbone = self.config.model.backbone
+        student = create_student(self.config.model.variant, backbone, teacher.channels)
         _load_state(teacher, runio.split_prefixed(tensors, "teacher"), run_dir, "teacher")
         _load_state(student, runio.split_prefixed(tensors, "student"), run_dir, "student")
         self.teacher = _place(teacher, self.device).eval().requires_grad_(True)

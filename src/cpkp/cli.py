@@ -312,6 +312,7 @@ def _train_command(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _check_out_folder(out, args.force)
     splits = read_split(args)
+    _refuse_out_among_images(out, [s.image for s in splits.train + splits.test])
     # Every input is checked before the run folder is touched, so a bad file changes nothing.
     validate_images(splits.train + (splits.test if args.test else []))
     if config.data.roi is not None:
@@ -321,8 +322,10 @@ def _train_command(args: argparse.Namespace) -> int:
     # rank 0, the only one that writes, touch the folder.
     distributed.init_from_env(detector.device)
     main = distributed.is_main()
+    if main:
+        # Missing weights or an unknown backbone fail here, before the folder is touched.
+        detector.check_networks()
     if args.force and runio.run_markers(out) and main:
-        detector.check_networks()  # and missing weights here, before the old run is removed
         _remove_old_run(out)
 
     if main:
@@ -540,7 +543,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     paths = _expand_inputs(args.paths)
     if not paths:
         raise ConfigError("no image files found in the given paths")
-    _check_out_outside_inputs(Path(args.out), args.paths)
+    _check_predict_out(Path(args.out), paths, args.run)
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):
         if value is not None and value < low:
             raise ConfigError(f"{flag} {value}: must be at least {low}")
@@ -625,6 +628,10 @@ def _predictor(args: argparse.Namespace) -> _Predictor:
     if args.model is not None:
         from cpkp.export import OnnxDetector
 
+        if Path(args.model).suffix.lower() != ".onnx":
+            raise ConfigError(
+                f"--model {args.model}: expected the .onnx file written by `cpkp export`"
+            )
         for flag in ("amp", "compile"):
             if getattr(args, flag):
                 raise ConfigError(f"--{flag} applies to --run; an ONNX model runs as exported")
@@ -746,7 +753,6 @@ def cmd_add_normal(args: argparse.Namespace) -> int:
     paths = _expand_inputs(args.paths)
     if not paths:
         raise ConfigError("no image files found in the given paths")
-    _check_out_outside_inputs(Path(args.out), args.paths)
     detector = Detector.load(run)
     start = time.perf_counter()
     # Every image is checked and everything computed before the run folder is touched.
@@ -792,19 +798,32 @@ def _expand_inputs(items: list[str]) -> list[Path]:
     return paths
 
 
-def _check_out_outside_inputs(out: Path, items: list[str]) -> None:
-    """Refuse an output folder that is an input folder (or inside one).
+def _check_predict_out(out: Path, paths: list[Path], run: str | None) -> None:
+    """Refuse an output folder that is a file, holds input images, or is the run folder.
 
-    Its heat maps and masks would lie among the images, and the next predict on that folder
-    would score them as images.
+    Heat maps and masks among the images would be read as images by the next predict or
+    train on that folder; among a run's files they would mix with what cpkp manages there.
+    """
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file, not a folder; choose a folder for the results")
+    _refuse_out_among_images(out, paths)
+    target = out.resolve()
+    if run is not None and Path(run).resolve() in (target, *target.parents):
+        raise ConfigError(f"--out {out}: lies in the run folder {run}; choose another folder")
+
+
+def _refuse_out_among_images(out: Path, paths: list[Path]) -> None:
+    """ConfigError when ``out`` is a folder of the given images, or lies inside one.
+
+    What cpkp writes there would mix with the images and be read as images next time.
     """
     target = out.resolve()
-    for item in items:
-        folder = Path(item).resolve()
-        if folder.is_dir() and (target == folder or folder in target.parents):
+    for folder in sorted({Path(p).resolve().parent for p in paths}):
+        if target == folder or folder in target.parents:
             raise ConfigError(
-                f"--out {out}: lies in the input folder {item}; the heat maps and masks would "
-                "mix with the images (and be scored as images next time): choose another folder"
+                f"--out {out}: lies in {folder}, a folder of input images; what cpkp writes "
+                "would mix with the images (and be read as images next time): choose another "
+                "folder"
             )
 
 
