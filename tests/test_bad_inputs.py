@@ -376,7 +376,7 @@ def test_written_files_get_the_umask_permissions(tmp_path, umask, mode):
 # ---------------------------------------------------------------------- masks (item 8)
 
 
-def test_mask_of_another_size_is_resized_with_a_warning(tmp_path, caplog):
+def test_mask_of_another_size_is_resized_with_one_warning(tmp_path, caplog):
     image = _png(tmp_path / "img.png", size=(40, 40))
     mask = _mask(tmp_path / "mask.png", size=(20, 20))  # defect at rows/cols 5..9
     with caplog.at_level(logging.WARNING):
@@ -385,7 +385,18 @@ def test_mask_of_another_size_is_resized_with_a_warning(tmp_path, caplog):
     assert resized.sum() == 100 and resized[10:20, 10:20].all()
     np.testing.assert_array_equal(item["mask"][0].numpy(), resized.astype(np.float32))
     warned = [r for r in caplog.records if str(mask) in r.message]
-    assert len(warned) == 2 and "mask is 20x20, its image is 40x40" in warned[0].message
+    assert len(warned) == 1 and "mask is 20x20 (width x height), its image is 40x40" in (
+        warned[0].message
+    )
+
+
+def test_mask_size_warning_reads_width_by_height(tmp_path, caplog):
+    mask = tmp_path / "wide_mask.png"
+    Image.fromarray(np.full((10, 30), 255, np.uint8)).save(mask)  # 30 wide, 10 high
+    with caplog.at_level(logging.WARNING):
+        resized = load_mask([mask], (20, 60))  # its image: 60 wide, 20 high
+    assert resized.shape == (20, 60) and resized.all()
+    assert "mask is 30x10 (width x height), its image is 60x20" in caplog.text
 
 
 @pytest.mark.parametrize("values", [(0, 128), (0, 64, 255)])

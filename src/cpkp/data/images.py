@@ -136,18 +136,29 @@ def load_mask(paths: Sequence[str | Path], size: tuple[int, int] | None = None) 
         mask = pixels > 0
         target = mask.shape if union is None else union.shape
         if mask.shape != target:
-            logger.warning(
-                "%s: mask is %dx%d, %s is %dx%d; resizing the mask (nearest neighbour)",
-                path,
-                mask.shape[0],
-                mask.shape[1],
-                reference,
-                target[0],
-                target[1],
-            )
+            _warn_resized_once(Path(path), mask.shape, reference, target)
             mask = _resize_nearest(mask, target)
         union = mask if union is None else union | mask
     return union
+
+
+def _warn_resized_once(
+    path: Path, shape: tuple[int, ...], reference: str, target: tuple[int, ...]
+) -> None:
+    """Warn once per file and size that a mask is resized; sizes read width x height."""
+    key = f"{path}|{target[1]}x{target[0]}"
+    if key in _WARNED_MASKS:
+        return
+    _WARNED_MASKS.add(key)
+    logger.warning(
+        "%s: mask is %dx%d (width x height), %s is %dx%d; resizing the mask (nearest neighbour)",
+        path,
+        shape[1],
+        shape[0],
+        reference,
+        target[1],
+        target[0],
+    )
 
 
 def _warn_if_not_binary(pixels: np.ndarray, path: Path) -> None:
