@@ -528,6 +528,42 @@ def test_predict_skips_unreadable_files_lists_them_and_exits_1(trained, tmp_path
     ]
 
 
+def test_predict_again_into_the_same_out_replaces_the_earlier_prediction(
+    trained, run_copy, tmp_path, capsys
+):
+    _, data, run = trained
+    good = sorted(str(p) for p in (data / "cat" / "test" / "good").glob("*.png"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")  # not predict's: never touched
+    (out / "x_heatmap.png").write_bytes(b"mine too")  # predict's naming, in no CSV
+    argv = ["-q", "predict", "--run", str(run), "--out", str(out), "--workers", "0"]
+    assert main([*argv, *good]) == 0
+    assert {"000_heatmap.png", "001_heatmap.png", "001_mask.png"} <= {p.name for p in out.iterdir()}
+
+    assert main([*argv, good[0]]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "000_heatmap.png",
+        "000_mask.png",
+        "notes.txt",
+        "predictions.csv",
+        "x_heatmap.png",
+    ]
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert [r["path"] for r in rows] == [good[0]]
+
+    # A prediction that fails before its first result leaves the earlier one whole.
+    meta = json.loads((run_copy / runio.META_FILE).read_text())
+    meta["calibration"]["kd_p99"] = float("nan")
+    (run_copy / runio.META_FILE).write_text(json.dumps(meta))
+    before = _snapshot(out)
+    capsys.readouterr()  # the two runs above
+    line = _fails(["-q", "predict", "--run", str(run_copy), "--out", str(out), *good], capsys)
+    assert "non-finite" in line
+    assert _snapshot(out) == before
+
+
 def test_predict_skips_a_file_only_the_full_decode_rejects(trained, tmp_path, capsys, monkeypatch):
     """The quick check passes it; loading it for scoring fails: skipped, the rest scored."""
     from cpkp.data import dataset, images

@@ -561,6 +561,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     names = _output_names(good)
     rows = []
     start = time.perf_counter()
+    cleared = False  # the earlier prediction in --out goes once this one has a first result
     if good:
         batch_size = args.batch_size or runner.batch_size
         workers = _predict_workers(args.workers, runner.workers, len(good), batch_size)
@@ -576,6 +577,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             writing: deque = deque()
             for pred in bar:
                 require_finite([pred])  # before anything of this image is written
+                if not cleared:
+                    cleared = _clear_earlier_prediction(out)
                 name = names[pred.path]
                 job = pool.submit(_write_prediction, runner.pixel_threshold, pred, out, name)
                 writing.append((job, pred, name))
@@ -592,6 +595,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             batch_size,
             workers,
         )
+    if not cleared:
+        _clear_earlier_prediction(out)
     runio.write_text(out / "predictions.csv", _predictions_csv(rows, failed))
     print(f"{len(rows)} images scored, {len(failed)} unreadable; results in {out}")
     if failed:
@@ -733,6 +738,41 @@ def _write_prediction(pixel_threshold: float, pred, out: Path, name: str) -> Non
     runio.atomic_write(
         out / f"{name}_mask.png", lambda t, a=mask: Image.fromarray(a).save(t, "PNG")
     )
+
+
+def _clear_earlier_prediction(out: Path) -> bool:
+    """Remove the files an earlier ``predict`` wrote into ``out``; True (done).
+
+    ``out`` then holds one prediction only, as a run folder holds one model: a heat map left
+    from an earlier image set would otherwise sit beside the new ones, named in no CSV. Only
+    files that its predictions.csv names, in ``out`` itself and with the names predict gives
+    (``*_heatmap.png``, ``*_mask.png``), are removed; everything else is left alone. Called
+    once the new prediction has its first result, so a command that fails before (a damaged
+    model, a bad option) leaves the earlier prediction whole.
+    """
+    listing = out / "predictions.csv"
+    if not listing.is_file():
+        return True
+    try:
+        with listing.open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        logger.warning("%s: not read (%s); the files it lists are left in place", listing, err)
+        return True
+    removed = 0
+    for row in rows:
+        for column, suffix in (("heatmap", "_heatmap.png"), ("mask", "_mask.png")):
+            name = row.get(column) or ""
+            if not name.endswith(suffix) or Path(name).name != name:
+                continue
+            try:
+                (out / name).unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+    listing.unlink()
+    logger.info("%s: removed the earlier prediction (%d heat maps and masks)", out, removed)
+    return True
 
 
 def _predictions_csv(rows: list[list[Any]], failed: list[str]) -> str:
@@ -1028,7 +1068,12 @@ def build_parser() -> argparse.ArgumentParser:
         "lie beside it; required unless --run)",
     )
     p.add_argument("paths", nargs="+", help="image files or folders")
-    p.add_argument("--out", default="predictions", help="folder for heat maps, masks and CSV")
+    p.add_argument(
+        "--out",
+        default="predictions",
+        help="folder for heat maps, masks and predictions.csv; an earlier prediction there is "
+        "replaced, other files are left alone",
+    )
     p.add_argument(
         "--batch-size",
         type=int,
