@@ -361,6 +361,24 @@ def test_a_users_folder_is_left_alone(tmp_path: Path) -> None:
     assert (demo_root / "brick").is_dir()
 
 
+def test_files_of_a_user_in_an_earlier_demo_stop_its_replacement(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    make_demo_dataset(out, categories=["brick"], **SMALL)
+    mine = [out / "brick/train/good/mine.png", out / "brick/runs/log.txt"]
+    for path in mine:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"keep")
+    before = sorted(p for p in out.rglob("*"))
+    with pytest.raises(DatasetError, match=r"2 file\(s\).*not written by the demo.*mine\.png"):
+        make_demo_dataset(out, categories=["brick"], **{**SMALL, "n_train": 2})
+    assert sorted(p for p in out.rglob("*")) == before
+    assert all(path.read_bytes() == b"keep" for path in mine)
+
+    for path in mine:
+        path.unlink()
+    assert not make_demo_dataset(out, categories=["brick"], **{**SMALL, "n_train": 2})["reused"]
+
+
 @pytest.mark.parametrize(
     "bad",
     [

@@ -25,6 +25,7 @@ import functools
 import json
 import logging
 import math
+import re
 import shutil
 import zlib
 from collections.abc import Sequence
@@ -414,11 +415,38 @@ def _remove_previous_demo(out: Path, marker: dict[str, Any], categories: Sequenc
             f"{out}: folder(s) {', '.join(unlisted)} were not written by the demo recorded in "
             f"{MARKER_FILE}; move them away or choose another folder"
         )
+    foreign = [p for c in sorted(previous) for p in _files_not_written_by_demo(out / c)]
+    if foreign:
+        shown = ", ".join(str(p) for p in foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+        raise DatasetError(
+            f"{out}: the earlier demo would be replaced, but {len(foreign)} file(s) in its "
+            f"category folders were not written by the demo ({shown}); move them away or "
+            "choose another folder (nothing was changed)"
+        )
     for category in sorted(previous):
         if (out / category).is_dir():
             shutil.rmtree(out / category)
     (out / DEFECTS_FILE).unlink(missing_ok=True)
     logger.info("Replacing the earlier demo dataset in %s", out)
+
+
+def _files_not_written_by_demo(folder: Path) -> list[Path]:
+    """Files under a demo category folder whose place and name the demo never writes."""
+    written = re.compile(
+        r"(train/good|test/(good|{k})|ground_truth/({k}))/\d+(_mask)?\.png".format(
+            k="|".join(DEFECT_KINDS)
+        )
+    )
+    foreign = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_dir() and not path.is_symlink():
+            continue
+        relative = path.relative_to(folder).as_posix()
+        match = written.fullmatch(relative)
+        is_mask = relative.startswith("ground_truth/")
+        if match is None or is_mask != relative.endswith("_mask.png"):
+            foreign.append(path)
+    return foreign
 
 
 def _write_marker(
