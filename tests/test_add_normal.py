@@ -81,6 +81,9 @@ def added(trained, demo, tmp_path_factory):
     (run / runio.METRICS_FILE).write_text("{}")
     (run / runio.OVERLAYS_DIR).mkdir()
     (run / runio.OVERLAYS_DIR / "good_000.png").write_bytes(b"old overlay")
+    (run / runio.EXPORT_DIR).mkdir()
+    for name in (*runio.EXPORT_FILES, "notes.txt"):
+        (run / runio.EXPORT_DIR / name).write_bytes(b"exported from the model before")
     before = _snapshot(run)
 
     detector = Detector.load(run)
@@ -205,11 +208,13 @@ def test_calibration_is_recomputed_over_old_and_new_images(added, demo):
     assert detector.calibrate(train) != stored
 
 
-def test_stale_test_outputs_go_and_the_training_files_stay(added):
+def test_stale_test_outputs_and_export_go_and_the_training_files_stay(added):
     run, before = added["run"], added["before"]
     after = _snapshot(run)
     assert runio.METRICS_FILE not in after
     assert not (run / runio.OVERLAYS_DIR).exists()
+    exported = sorted(p.name for p in (run / runio.EXPORT_DIR).iterdir())
+    assert exported == ["notes.txt"]  # the stale model.onnx and model.json are gone
     for name in (runio.CHECKPOINT_FILE, runio.TRAIN_LOG, runio.CONFIG_FILE):
         assert after[name] == before[name], name
     assert after[runio.META_FILE] != before[runio.META_FILE]

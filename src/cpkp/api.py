@@ -1111,14 +1111,16 @@ class Detector:
         Files of an older model in ``run_dir`` are removed, so the folder never mixes two
         runs: test outputs (metrics.json, scores.csv, overlays/) always, and a training run's
         checkpoint, logs and source.json unless ``run_dir`` is the folder this detector was
-        trained in. Files that cpkp does not write are left alone.
+        trained in, and the model that ``cpkp export`` wrote into ``run_dir/export``. Files
+        that cpkp does not write are left alone.
         """
         self._require_fitted()
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         own = self._run_dir is not None and _same_folder(self._run_dir, run_dir)
         stale = runio.TEST_FILES if own else (*runio.TEST_FILES, *runio.TRAINING_FILES)
-        for path in runio.remove_run_files(run_dir, stale, overlays=True):
+        removed = runio.remove_run_files(run_dir, stale, overlays=True)
+        for path in [*removed, *runio.remove_stale_export(run_dir)]:
             logger.info("removed %s, written for an earlier model", path)
         runio.save_tensors(run_dir / runio.WEIGHTS_FILE, self._network_tensors())
         runio.write_yaml(run_dir / runio.CONFIG_FILE, self.config.to_dict())

@@ -72,9 +72,8 @@ from cpkp.scoring import fuse, gaussian_smooth, image_scores, kd_map
 
 logger = logging.getLogger(__name__)
 
-ONNX_FILE = "model.onnx"
-META_FILE = "model.json"
-EXPORT_DIR = "export"  # default output folder inside the run folder
+ONNX_FILE, META_FILE = runio.EXPORT_FILES
+EXPORT_DIR = runio.EXPORT_DIR  # default output folder inside the run folder (replaced with it)
 FORMAT = "cpkp-onnx"
 FORMAT_VERSION = 1
 OPSET = 18

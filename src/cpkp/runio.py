@@ -49,6 +49,9 @@ TEST_FILES = (METRICS_FILE, SCORES_FILE, REPORT_FILE)
 # Files of one training run: stale when a model of another run is saved in their folder.
 TRAINING_FILES = (CHECKPOINT_FILE, TRAIN_LOG, SOURCE_FILE, LOG_FILE)
 RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, META_FILE, *TRAINING_FILES, *TEST_FILES)
+# `cpkp export`'s default folder inside a run and its files: stale once another model is saved.
+EXPORT_DIR = "export"
+EXPORT_FILES = ("model.onnx", "model.json")
 # Any of these makes a folder a run folder (one that `cpkp train --out` refuses to reuse).
 RUN_MARKERS = (CONFIG_FILE, WEIGHTS_FILE, META_FILE, CHECKPOINT_FILE)
 
@@ -199,6 +202,24 @@ def remove_run_files(run_dir: Path, names: Sequence[str], overlays: bool = False
             removed.append(path)
         if not any(folder.iterdir()):
             folder.rmdir()
+    return removed
+
+
+def remove_stale_export(run_dir: Path) -> list[Path]:
+    """Delete the model that ``cpkp export`` wrote into the run's own export folder.
+
+    It was exported from the model being replaced: left in place, ``predict --model`` would
+    go on scoring with the old networks, prototype and thresholds. Other files there stay.
+
+    Returns:
+        The paths removed.
+    """
+    folder = Path(run_dir) / EXPORT_DIR
+    if not folder.is_dir():
+        return []
+    removed = remove_run_files(folder, EXPORT_FILES)
+    if not any(folder.iterdir()):
+        folder.rmdir()
     return removed
 
 
