@@ -804,13 +804,27 @@ def test_predict_refuses_an_output_folder_among_the_inputs(trained, tmp_path, ca
     shutil.copytree(data / "cat" / "test" / "good", folder)
     before = sorted(p.name for p in folder.iterdir())
     image = str(next(folder.iterdir()))
-    for out in (folder, folder / "maps"):
-        for given in (str(folder), image):
-            line = _fails(["-q", "predict", "--run", str(run), given, "--out", str(out)], capsys)
-            assert f"--out {out}: lies in {folder.resolve()}, a folder of input images" in line
+    for given in (str(folder), image):
+        line = _fails(["-q", "predict", "--run", str(run), given, "--out", str(folder)], capsys)
+        assert f"--out {folder}: is {folder.resolve()}, a folder of input images" in line
     line = _fails(["-q", "predict", "--run", str(run), image, "--out", str(run)], capsys)
     assert line == f"cpkp: error: --out {run}: lies in the run folder {run}; choose another folder"
     assert sorted(p.name for p in folder.iterdir()) == before
+
+    # The run's dataset: `cpkp test` would read maps there as test images or a defect type.
+    category = data / "cat"
+    for out in (category / "test" / "good", category / "test" / "maps"):
+        line = _fails(["-q", "predict", "--run", str(run), image, "--out", str(out)], capsys)
+        assert f"--out {out}: lies in {category.resolve()}, the dataset of the run" in line
+    assert not (category / "test" / "maps").exists()
+
+    # A subfolder of an input folder is fine: folders are listed without recursion.
+    maps = folder / "maps"
+    argv = ["-q", "predict", "--run", str(run), "--workers", "0", str(folder)]
+    assert main([*argv, "--out", str(maps)]) == 0
+    assert main([*argv, "--out", str(tmp_path / "again")]) == 0
+    rows = list(csv.DictReader((tmp_path / "again" / "predictions.csv").open()))
+    assert sorted(Path(r["path"]).name for r in rows) == before
 
 
 def test_a_test_without_overlays_removes_the_previous_tests_overlays(trained, run_copy, capsys):

@@ -360,6 +360,7 @@ class Detector:
         if runio.run_markers(run_dir):
             names = [n for n in runio.RUN_FILES if n != runio.LOG_FILE]
             removed = runio.remove_run_files(run_dir, names, overlays=True)
+            removed += runio.remove_stale_export(run_dir)
             logger.info("%s: replaced a previous run (%d files removed)", run_dir, len(removed))
         (run_dir / runio.TRAIN_LOG).unlink(missing_ok=True)
         runio.write_yaml(run_dir / runio.CONFIG_FILE, self.config.to_dict())

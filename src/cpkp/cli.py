@@ -839,17 +839,49 @@ def _expand_inputs(items: list[str]) -> list[Path]:
 
 
 def _check_predict_out(out: Path, paths: list[Path], run: str | None) -> None:
-    """Refuse an output folder that is a file, holds input images, or is the run folder.
+    """Refuse an output folder that is a file, a folder of input images, or in the run or its data.
 
-    Heat maps and masks among the images would be read as images by the next predict or
-    train on that folder; among a run's files they would mix with what cpkp manages there.
+    Heat maps and masks beside the images would be read as images by the next predict on that
+    folder (a subfolder is not: folders are listed without recursion); among a run's files
+    they would mix with what cpkp manages there; in the run's dataset, ``cpkp test`` would
+    read them as test images (or a new defect type).
     """
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: is a file, not a folder; choose a folder for the results")
-    _refuse_out_among_images(out, paths)
     target = out.resolve()
-    if run is not None and Path(run).resolve() in (target, *target.parents):
+    for folder in sorted({Path(p).resolve().parent for p in paths}):
+        if target == folder:
+            raise ConfigError(
+                f"--out {out}: is {folder}, a folder of input images; the heat maps would mix "
+                "with the images (and be read as images next time): choose another folder"
+            )
+    if run is None:
+        return
+    if Path(run).resolve() in (target, *target.parents):
         raise ConfigError(f"--out {out}: lies in the run folder {run}; choose another folder")
+    for folder in _dataset_folders(Path(run)):
+        if folder in (target, *target.parents):
+            raise ConfigError(
+                f"--out {out}: lies in {folder}, the dataset of the run {run}; `cpkp test` would "
+                "read the heat maps as test images: choose another folder"
+            )
+
+
+def _dataset_folders(run: Path) -> list[Path]:
+    """The dataset folders a run's source.json names (none when it has no readable one)."""
+    try:
+        source = runio.read_json(run / SOURCE_FILE) if (run / SOURCE_FILE).is_file() else {}
+    except (CheckpointError, OSError, UnicodeDecodeError):  # reported where it is needed
+        return []
+    if not isinstance(source, dict):
+        return []
+    if source.get("dataset") == "folder":
+        names = [source.get(key) for key in ("normal", "abnormal", "masks")]
+    elif source.get("root") and source.get("category"):
+        names = [str(Path(source["root"]) / source["category"])]
+    else:
+        names = []
+    return [Path(name).resolve() for name in names if isinstance(name, str) and name]
 
 
 def _refuse_out_among_images(out: Path, paths: list[Path]) -> None:
