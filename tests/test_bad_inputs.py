@@ -553,7 +553,17 @@ def test_predict_again_into_the_same_out_replaces_the_earlier_prediction(
     rows = list(csv.DictReader((out / "predictions.csv").open()))
     assert [r["path"] for r in rows] == [good[0]]
 
-    # A prediction that fails before its first result leaves the earlier one whole.
+    # A prediction that fails before its first result leaves the earlier one whole: no
+    # input readable, or a damaged model.
+    before = _snapshot(out)
+    unreadable = _bad_files(tmp_path / "bad")
+    capsys.readouterr()
+    line = _fails([*argv, *map(str, unreadable.values())], capsys)
+    assert (
+        line == f"cpkp: error: none of the 3 input image(s) could be read; nothing written to {out}"
+    )
+    assert _snapshot(out) == before
+
     meta = json.loads((run_copy / runio.META_FILE).read_text())
     meta["calibration"]["kd_p99"] = float("nan")
     (run_copy / runio.META_FILE).write_text(json.dumps(meta))

@@ -595,8 +595,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
             batch_size,
             workers,
         )
-    if not cleared:
-        _clear_earlier_prediction(out)
+    if not rows:
+        raise ImageError(
+            f"none of the {len(failed)} input image(s) could be read; nothing written to {out}"
+        )
     runio.write_text(out / "predictions.csv", _predictions_csv(rows, failed))
     print(f"{len(rows)} images scored, {len(failed)} unreadable; results in {out}")
     if failed:
