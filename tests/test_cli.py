@@ -146,3 +146,16 @@ def test_predict_output_names_stay_unique_when_stems_repeat():
     paths = [Path("good/000.png"), Path("bad/000.png"), Path("bad/000.jpg"), Path("x/000-2.png")]
     names = _output_names(paths)
     assert [names[str(p)] for p in paths] == ["000", "000-2", "000-3", "000-2-2"]
+
+
+def test_an_image_given_twice_is_taken_once(tmp_path):
+    from PIL import Image
+
+    from cpkp.cli import _expand_inputs
+
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    for name in ("000.png", "001.png"):
+        Image.new("L", (8, 8)).save(folder / name)
+    items = [str(folder / "001.png"), str(folder), f"{tmp_path}/parts/../parts/000.png"]
+    assert [p.name for p in _expand_inputs(items)] == ["001.png", "000.png"]

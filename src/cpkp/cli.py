@@ -837,7 +837,14 @@ def _expand_inputs(items: list[str]) -> list[Path]:
             paths.append(p)
         else:
             raise ConfigError(f"{p}: no such file or folder")
-    return paths
+    unique, seen = [], set()
+    for p in paths:
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            unique.append(p)
+    if len(unique) < len(paths):
+        logger.info("%d image(s) given more than once are taken once", len(paths) - len(unique))
+    return unique
 
 
 def _check_predict_out(out: Path, paths: list[Path], run: str | None) -> None:
