@@ -897,3 +897,22 @@ def test_data_options_the_dataset_would_ignore_are_refused(trained, run_copy, tm
     line = _fails([*argv, "--category", "cat", "--out", str(tmp_path / "new")], capsys)
     assert "--category only applies to --dataset mvtec or visa" in line
     assert not (tmp_path / "new").exists()
+
+
+def test_a_config_that_is_not_yaml_text_or_is_a_folder_is_named(tmp_path, capsys):
+    image = _png(tmp_path / "part.png", size=(8, 8))
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    argv = ["-q", "train", "--dataset", "mvtec", "--root", str(tmp_path), "--category", "c"]
+    line = _fails([*argv, "--out", str(tmp_path / "r"), "--config", str(image)], capsys)
+    assert line.startswith(f"cpkp: error: {image}: not a YAML text file (not UTF-8")
+    line = _fails([*argv, "--out", str(tmp_path / "r"), "--config", str(folder)], capsys)
+    assert line == f"cpkp: error: {folder}: is a folder; give the path of a YAML config file"
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("size", ["-5", "0", "33"])
+def test_info_refuses_an_image_size_the_networks_cannot_take(size, capsys):
+    line = _fails(["info", "--image-size", size], capsys)
+    assert line.startswith(f"cpkp: error: --image-size={size}: ")
+    assert "must be at least 32" in line or "must be a multiple of 32" in line

@@ -1030,8 +1030,10 @@ def _float_option(flag: str, text: str) -> float:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from cpkp.config import preset_names
+    from cpkp.config import check_image_size, preset_names
     from cpkp.info import model_table
+
+    check_image_size(args.image_size, "--image-size")
 
     print(f"cpkp {__version__}")
     print("presets: " + ", ".join(preset_names()))

@@ -243,12 +243,16 @@ def _coerce_tuple(value: Any, element_types: tuple[Any, ...]) -> tuple[Any, ...]
 def load_config(path: str | Path) -> Config:
     """Read a YAML file written by :func:`save_config` or by hand."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; give the path of a YAML config file")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a YAML text file (not UTF-8: {err.reason})") from err
     return Config.from_dict(raw, source=str(path))
 
 
@@ -272,13 +276,18 @@ def load_preset(name_or_path: str | Path) -> Config:
         return load_config(p)
 
 
-def _check_data(data: DataConfig) -> None:
-    _check(data.image_size >= 32, f"data.image_size={data.image_size}: must be at least 32")
+def check_image_size(size: int, name: str = "data.image_size") -> None:
+    """ConfigError unless ``size`` is a model input size the networks take."""
+    _check(size >= 32, f"{name}={size}: must be at least 32")
     _check(
-        data.image_size % 32 == 0,
-        f"data.image_size={data.image_size}: the students halve the grid five times, "
+        size % 32 == 0,
+        f"{name}={size}: the students halve the grid five times, "
         "so the image size must be a multiple of 32 (for example 224, 256 or 320)",
     )
+
+
+def _check_data(data: DataConfig) -> None:
+    check_image_size(data.image_size)
     _check(data.num_workers >= 0, f"data.num_workers={data.num_workers}: must be 0 or more")
     _choice("data.resize", data.resize, RESIZE_MODES)
     _check(
