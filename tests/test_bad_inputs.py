@@ -916,3 +916,11 @@ def test_info_refuses_an_image_size_the_networks_cannot_take(size, capsys):
     line = _fails(["info", "--image-size", size], capsys)
     assert line.startswith(f"cpkp: error: --image-size={size}: ")
     assert "must be at least 32" in line or "must be a multiple of 32" in line
+
+
+@pytest.mark.parametrize("option", [["--epochs", "-1"], ["--seed", "-2"]])
+def test_demo_checks_its_options_before_writing_the_data(option, tmp_path, capsys):
+    out = tmp_path / "demo-run"
+    line = _fails(["-q", "demo", "--out", str(out), *option], capsys)
+    assert f"={option[1]}: must" in line
+    assert not out.exists()

@@ -510,7 +510,8 @@ def _test_run(run: Path, samples, overlays: bool, report: bool, quiet: bool) -> 
         detector, samples, out_dir=run, overlays=overlays, progress=not quiet, report=report
     )
     print(format_metrics(outputs.metrics))
-    print(f"metrics, scores and overlays written to {run}")
+    written = "metrics, scores and overlays" if overlays else "metrics and scores"
+    print(f"{written} written to {run}")
     if report:
         print(f"report: {run / runio.REPORT_FILE} (open it in a browser)")
     return 0

@@ -14,7 +14,7 @@ from typing import Any
 
 from cpkp import runio
 from cpkp.api import Detector
-from cpkp.config import apply_overrides, load_preset
+from cpkp.config import Config, apply_overrides, load_preset
 from cpkp.data.demo import DEMO_CATEGORIES, make_demo_dataset
 from cpkp.data.readers import read_mvtec
 from cpkp.evaluate import run_test
@@ -34,6 +34,8 @@ def run_demo(
 ) -> str:
     """Build the data under ``out/data``, train and test every category; return the table."""
     categories = list(categories or DEMO_CATEGORIES)
+    for overrides in ({}, BASELINE):  # every option checked before the data is written
+        _config(overrides, epochs, seed)
     make_demo_dataset(out / "data", seed=seed, categories=categories)
     rows = []
     for category in categories:
@@ -55,16 +57,21 @@ def run_demo(
 def _train_and_test(
     run_dir: Path, splits, overrides: dict, epochs: int | None, seed: int, progress: bool
 ) -> dict[str, Any]:
+    detector = Detector(_config(overrides, epochs, seed))
+    detector.fit(splits.train, run_dir=run_dir, progress=progress)
+    return run_test(
+        detector, splits.test, out_dir=run_dir, overlays=True, progress=progress
+    ).metrics
+
+
+def _config(overrides: dict, epochs: int | None, seed: int) -> Config:
+    """The demo preset with the variant's switches, epochs and seed; ConfigError when invalid."""
     config = load_preset(PRESET)
     apply_overrides(config, overrides)
     config.train.seed = seed
     if epochs is not None:
         config.train.epochs = epochs
-    detector = Detector(config)
-    detector.fit(splits.train, run_dir=run_dir, progress=progress)
-    return run_test(
-        detector, splits.test, out_dir=run_dir, overlays=True, progress=progress
-    ).metrics
+    return config.validate()
 
 
 def _row(category: str, cpkp_m: dict, base_m: dict, seconds: float) -> dict[str, Any]:
