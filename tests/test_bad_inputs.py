@@ -924,3 +924,12 @@ def test_demo_checks_its_options_before_writing_the_data(option, tmp_path, capsy
     line = _fails(["-q", "demo", "--out", str(out), *option], capsys)
     assert f"={option[1]}: must" in line
     assert not out.exists()
+
+
+def test_a_file_in_the_way_of_an_output_folder_is_named(tmp_path, capsys):
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file, not a folder")
+    line = _fails(["-q", "demo-data", "--out", str(blocker / "sub")], capsys)
+    assert line.startswith(f"cpkp: error: {blocker}")
+    assert "choose another --out" in line or "not a folder" in line
+    assert blocker.read_text() == "a file, not a folder"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import io
 import logging
 import os
@@ -1045,6 +1046,16 @@ def cmd_info(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- plumbing
 
 
+def _os_error_message(err: OSError) -> str:
+    """``PATH: reason`` for a system error, with what to do when a file blocks a folder."""
+    if err.filename is None:
+        return str(err)
+    message = f"{err.filename}: {err.strerror or err}"
+    if err.errno in (errno.EEXIST, errno.ENOTDIR):
+        message += " (a file stands where cpkp writes a folder: choose another --out)"
+    return message
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each default, except None and empty ones: their help text says what happens."""
 
@@ -1319,9 +1330,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cpkp: error: {err}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as err:
-        # A read-only or full disk, an output path that is a file: the system's own message
-        # names the file.
-        print(f"cpkp: error: {err}", file=sys.stderr)
+        # A read-only or full disk, an output path that is a file: the system's own message,
+        # led by the file it names.
+        print(f"cpkp: error: {_os_error_message(err)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("cpkp: interrupted; files already written are complete", file=sys.stderr)
