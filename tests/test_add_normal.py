@@ -299,6 +299,23 @@ def test_cli_adds_a_folder_and_a_second_call_changes_nothing(run_copy, demo, cap
     assert _snapshot(run_copy) == before
 
 
+def test_resume_drops_the_additions_from_the_history_with_a_warning(run_copy, demo, caplog):
+    _, new = demo
+    assert main(["-q", "add-normal", "--run", str(run_copy), str(new[0].parent)]) == 0
+    with caplog.at_level("WARNING"):
+        assert main(["-q", "train", "--resume", str(run_copy), "--epochs", "2"]) == 0
+    assert f"drops the {len(new)} image(s) that add-normal added" in caplog.text
+    meta = _meta(run_copy)
+    events = [e["event"] for e in meta["history"]]
+    assert "add-normal" not in events and events[-2:] == ["additions-dropped", "resume"]
+    assert meta["history"][-2]["images"] == [str(p.absolute()) for p in new]
+    assert len(meta["train_images"]) == N_TRAIN
+
+    # Added again afterwards, they count as new.
+    assert main(["-q", "add-normal", "--run", str(run_copy), str(new[0].parent)]) == 0
+    assert _meta(run_copy)["history"][-1]["event"] == "add-normal"
+
+
 def test_cli_bad_image_exits_2_and_leaves_the_run_folder_byte_identical(
     run_copy, demo, tmp_path, capsys
 ):

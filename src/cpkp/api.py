@@ -265,6 +265,7 @@ class Detector:
         if (run_dir / runio.META_FILE).is_file():
             # A finished run trained on (--epochs): its history so far stays on record.
             detector.history = list(runio.read_meta(run_dir).get("history", []))
+            detector._drop_additions_after_checkpoint(run_dir)
         dataset = detector._training_dataset(detector.train_images)
 
         trainer = detector._trainer()
@@ -275,6 +276,21 @@ class Detector:
         logger.info("resuming %s after epoch %d", run_dir, meta["epoch"])
         detector._train(dataset, trainer, generator, meta["epoch"], run_dir, progress, on_epoch)
         return detector
+
+    def _drop_additions_after_checkpoint(self, run_dir: Path) -> None:
+        """Take add-normal's images off the history: the checkpoint has none of them."""
+        additions = [e for e in self.history if e.get("event") == "add-normal"]
+        if not additions:
+            return
+        dropped = [image for event in additions for image in event.get("images", [])]
+        logger.warning(
+            "%s: resuming from the training checkpoint drops the %d image(s) that add-normal "
+            "added after it; add them again with `cpkp add-normal` once training ends",
+            run_dir,
+            len(dropped),
+        )
+        self.history = [e for e in self.history if e.get("event") != "add-normal"]
+        self.history.append({"event": "additions-dropped", "time": _now(), "images": dropped})
 
     def _training_dataset(self, images: ImageInput) -> ImageDataset:
         images = image_list(images)
