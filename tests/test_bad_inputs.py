@@ -933,3 +933,26 @@ def test_a_file_in_the_way_of_an_output_folder_is_named(tmp_path, capsys):
     assert line.startswith(f"cpkp: error: {blocker}")
     assert "choose another --out" in line or "not a folder" in line
     assert blocker.read_text() == "a file, not a folder"
+
+
+@pytest.mark.parametrize(("key", "edit"), [("image_size", ("32", "64")), ("resize", None)])
+def test_a_config_edited_away_from_the_trained_geometry_is_refused(
+    key, edit, trained, run_copy, tmp_path, capsys
+):
+    _, data, _ = trained
+    config = run_copy / runio.CONFIG_FILE
+    text = config.read_text()
+    if key == "image_size":
+        assert f"image_size: {edit[0]}" in text
+        config.write_text(text.replace(f"image_size: {edit[0]}", f"image_size: {edit[1]}", 1))
+        shown = "data.image_size is 64, but the run was trained and calibrated at 32"
+    else:
+        assert "resize: squash" in text
+        config.write_text(text.replace("resize: squash", "resize: aspect", 1))
+        shown = "data.resize is 'aspect', but the run was trained and calibrated at 'squash'"
+    before = _snapshot(run_copy)
+    image = str(next((data / "cat" / "test" / "good").iterdir()))
+    out = tmp_path / "predictions"
+    line = _fails(["-q", "predict", "--run", str(run_copy), image, "--out", str(out)], capsys)
+    assert line.startswith(f"cpkp: error: {config}: {shown}")
+    assert _snapshot(run_copy) == before and not out.exists()

@@ -93,6 +93,8 @@ from cpkp.training import (
 
 logger = logging.getLogger(__name__)
 
+# Fields of `data` whose change makes a trained run's prototype grid and thresholds wrong.
+CALIBRATED_FIELDS = ("image_size", "resize", "tile", "tile_overlap")
 ROI_TENSOR = "roi.mask"  # the region of interest, [H, W] uint8, beside the weights
 
 
@@ -1156,6 +1158,7 @@ class Detector:
             "epochs_done": len(self.epoch_logs) or self._epochs_done,
             "calibration": self.calibration.to_dict(),
             "kp_scale": self.kp_scale,
+            "calibrated_with": self._geometry_fields(),
             "prototype_grid": None if self.prototype is None else list(self.prototype.grid),
             "prototype_size": None if self.prototype is None else len(self.prototype.vectors),
             "prototype_bank_size": None if self.prototype is None else self._bank_size(),
@@ -1172,6 +1175,7 @@ class Detector:
         if device is not None:
             config.train.device = device
         detector = cls(config)
+        detector._check_geometry_unchanged(meta.get("calibrated_with") or {}, run_dir)
         detector._restore_networks(runio.load_tensors(run_dir / runio.WEIGHTS_FILE), run_dir)
         try:
             detector.calibration = Calibration.from_dict(meta["calibration"])
@@ -1191,6 +1195,21 @@ class Detector:
         # Saving back into this folder (add_normal) keeps the run's checkpoint, logs and source.
         detector._run_dir = run_dir
         return detector
+
+    def _geometry_fields(self) -> dict[str, Any]:
+        """The config fields that the prototype, calibration and thresholds were computed at."""
+        data = self.config.data
+        return {f"data.{name}": getattr(data, name) for name in CALIBRATED_FIELDS}
+
+    def _check_geometry_unchanged(self, recorded: dict[str, Any], run_dir: Path) -> None:
+        """CheckpointError when config.yaml was edited away from what the run was trained at."""
+        for key, now in self._geometry_fields().items():
+            if key in recorded and recorded[key] != now:
+                raise CheckpointError(
+                    f"{run_dir / runio.CONFIG_FILE}: {key} is {now!r}, but the run was trained "
+                    f"and calibrated at {recorded[key]!r} ({runio.META_FILE}); set it back, or "
+                    "train a new run for the new value"
+                )
 
     def _network_tensors(self) -> dict[str, Tensor]:
         tensors = runio.with_prefix(self.teacher.state_dict(), "teacher")
