@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -410,6 +411,9 @@ def test_old_run_without_the_new_keys_loads(aspect_run, images, tmp_path):
     for key in ("resize", "tile", "tile_overlap", "roi"):
         del config["data"][key]
     (run / runio.CONFIG_FILE).write_text(yaml.safe_dump(config))
+    meta = json.loads((run / runio.META_FILE).read_text())
+    del meta["calibrated_with"]  # old runs have no record of their geometry
+    (run / runio.META_FILE).write_text(json.dumps(meta))
     detector = Detector.load(run)
     assert detector.geometry.mode == "squash"
     assert detector.predict(images["test"][:1])[0].map.shape == (40, 100)
