@@ -275,6 +275,14 @@ def test_cli_predict_wants_exactly_one_of_run_and_model(run, exported, test_imag
     assert "one of the arguments --run --model is required" in capsys.readouterr().err
 
 
+def test_predict_with_a_model_guards_its_runs_folder_too(exported, run, test_images, capsys):
+    out = run / "predictions"
+    assert main(["-q", "predict", "--model", str(exported), test_images[0], "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}: lies in the run folder {run.resolve()}" in err
+    assert not out.exists()
+
+
 def test_a_model_without_its_json_is_refused(exported, test_images, tmp_path, capsys):
     lone = tmp_path / "lone.onnx"
     lone.write_bytes(exported.read_bytes())

@@ -94,7 +94,7 @@ from cpkp.training import (
 logger = logging.getLogger(__name__)
 
 # Fields of `data` whose change makes a trained run's prototype grid and thresholds wrong.
-CALIBRATED_FIELDS = ("image_size", "resize", "tile", "tile_overlap")
+CALIBRATED_FIELDS = ("image_size", "resize", "tile", "tile_overlap", "roi")
 ROI_TENSOR = "roi.mask"  # the region of interest, [H, W] uint8, beside the weights
 
 

@@ -27,6 +27,7 @@ from cpkp.benchmark import DEFAULT_VARIANTS
 from cpkp.errors import CheckpointError, ConfigError, CpkpError, ImageError
 
 logger = logging.getLogger("cpkp")
+MAX_INFO_SIZE = 1024  # cpkp info runs every network once: WRN50-2 at 4096 px needs ~24 GB
 
 DEFAULT_PRESET = "cpu_rd_lite0"
 SOURCE_FILE = runio.SOURCE_FILE
@@ -545,7 +546,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     paths = _expand_inputs(args.paths)
     if not paths:
         raise ConfigError("no image files found in the given paths")
-    _check_predict_out(Path(args.out), paths, args.run)
+    _check_predict_out(Path(args.out), paths, args.run or _source_run(args.model))
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):
         if value is not None and value < low:
             raise ConfigError(f"{flag} {value}: must be at least {low}")
@@ -630,6 +631,18 @@ class _Predictor:
     pixel_threshold: float
     batch_size: int  # default model inputs per forward pass
     workers: int  # configured data-loader processes (0: choose)
+
+
+def _source_run(model: str | None) -> str | None:
+    """The run an exported model came from (its model.json), when that folder is still here."""
+    if model is None:
+        return None
+    description = Path(model).with_suffix(".json")
+    try:
+        source = runio.read_json(description).get("source_run")
+    except (CheckpointError, OSError, UnicodeDecodeError, AttributeError):
+        return None  # OnnxDetector reports a missing or damaged model.json
+    return source if isinstance(source, str) and Path(source).is_dir() else None
 
 
 def _predictor(args: argparse.Namespace) -> _Predictor:
@@ -1036,6 +1049,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     from cpkp.info import model_table
 
     check_image_size(args.image_size, "--image-size")
+    if args.image_size > MAX_INFO_SIZE:
+        raise ConfigError(
+            f"--image-size={args.image_size}: at most {MAX_INFO_SIZE} here (the count runs every "
+            "network once at that size; the cost grows with its square from there)"
+        )
 
     print(f"cpkp {__version__}")
     print("presets: " + ", ".join(preset_names()))
@@ -1051,8 +1069,8 @@ def _os_error_message(err: OSError) -> str:
     if err.filename is None:
         return str(err)
     message = f"{err.filename}: {err.strerror or err}"
-    if err.errno in (errno.EEXIST, errno.ENOTDIR):
-        message += " (a file stands where cpkp writes a folder: choose another --out)"
+    if err.errno in (errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+        message += " (a file stands where cpkp writes a folder, or a folder where it writes a file)"
     return message
 
 

@@ -415,7 +415,10 @@ def _remove_previous_demo(out: Path, marker: dict[str, Any], categories: Sequenc
             f"{out}: folder(s) {', '.join(unlisted)} were not written by the demo recorded in "
             f"{MARKER_FILE}; move them away or choose another folder"
         )
-    foreign = [p for c in sorted(previous) for p in _files_not_written_by_demo(out / c)]
+    counts = marker["categories"]
+    foreign = [
+        p for c in sorted(previous) for p in _files_not_written_by_demo(out / c, counts.get(c))
+    ]
     if foreign:
         shown = ", ".join(str(p) for p in foreign[:3]) + (" ..." if len(foreign) > 3 else "")
         raise DatasetError(
@@ -430,23 +433,39 @@ def _remove_previous_demo(out: Path, marker: dict[str, Any], categories: Sequenc
     logger.info("Replacing the earlier demo dataset in %s", out)
 
 
-def _files_not_written_by_demo(folder: Path) -> list[Path]:
-    """Files under a demo category folder whose place and name the demo never writes."""
-    written = re.compile(
-        r"(train/good|test/(good|{k})|ground_truth/({k}))/\d+(_mask)?\.png".format(
-            k="|".join(DEFECT_KINDS)
-        )
-    )
+def _files_not_written_by_demo(folder: Path, counts: Any) -> list[Path]:
+    """Files under a demo category folder that the demo recorded in ``counts`` did not write.
+
+    The demo writes ``train/good/<i>.png``, ``test/<kind>/<i>.png`` and
+    ``ground_truth/<kind>/<i>_mask.png`` with ``i`` below the count of that split and kind;
+    anything else (another name, a number past the count, a link) is someone else's.
+    """
+    if folder.is_symlink():
+        return [folder]
+    written = re.compile(r"(train|test|ground_truth)/(\w+)/(\d+)(_mask)?\.png")
     foreign = []
     for path in sorted(folder.rglob("*")):
         if path.is_dir() and not path.is_symlink():
             continue
-        relative = path.relative_to(folder).as_posix()
-        match = written.fullmatch(relative)
-        is_mask = relative.startswith("ground_truth/")
-        if match is None or is_mask != relative.endswith("_mask.png"):
+        match = written.fullmatch(path.relative_to(folder).as_posix())
+        if match is None or path.is_symlink():
+            foreign.append(path)
+            continue
+        split, kind, index, mask = match.groups()
+        split = "test" if split == "ground_truth" else split
+        count = _count(counts, split, kind)
+        is_mask = match.group(1) == "ground_truth"
+        if is_mask != bool(mask) or (is_mask and kind == "good") or int(index) >= count:
             foreign.append(path)
     return foreign
+
+
+def _count(counts: Any, split: str, kind: str) -> int:
+    """Images of one split and kind in a demo marker's counts (0 when it has none)."""
+    try:
+        return int(counts[split][kind])
+    except (KeyError, TypeError, ValueError):
+        return 0
 
 
 def _write_marker(
