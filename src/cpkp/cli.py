@@ -581,7 +581,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             for pred in bar:
                 require_finite([pred])  # before anything of this image is written
                 if not cleared:
-                    cleared = _clear_earlier_prediction(out)
+                    _clear_earlier_prediction(out)
+                    cleared = True
                 name = names[pred.path]
                 job = pool.submit(_write_prediction, runner.pixel_threshold, pred, out, name)
                 writing.append((job, pred, name))
@@ -757,8 +758,8 @@ def _write_prediction(pixel_threshold: float, pred, out: Path, name: str) -> Non
     )
 
 
-def _clear_earlier_prediction(out: Path) -> bool:
-    """Remove the files an earlier ``predict`` wrote into ``out``; True (done).
+def _clear_earlier_prediction(out: Path) -> None:
+    """Remove the files an earlier ``predict`` wrote into ``out``.
 
     ``out`` then holds one prediction only, as a run folder holds one model: a heat map left
     from an earlier image set would otherwise sit beside the new ones, named in no CSV. Only
@@ -769,13 +770,13 @@ def _clear_earlier_prediction(out: Path) -> bool:
     """
     listing = out / "predictions.csv"
     if not listing.is_file():
-        return True
+        return
     try:
         with listing.open(newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         logger.warning("%s: not read (%s); the files it lists are left in place", listing, err)
-        return True
+        return
     removed = 0
     for row in rows:
         for column, suffix in (("heatmap", "_heatmap.png"), ("mask", "_mask.png")):
@@ -789,7 +790,6 @@ def _clear_earlier_prediction(out: Path) -> bool:
                 pass
     listing.unlink()
     logger.info("%s: removed the earlier prediction (%d heat maps and masks)", out, removed)
-    return True
 
 
 def _predictions_csv(rows: list[list[Any]], failed: list[str]) -> str:

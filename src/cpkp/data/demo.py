@@ -451,10 +451,9 @@ def _files_not_written_by_demo(folder: Path, counts: Any) -> list[Path]:
         if match is None or path.is_symlink():
             foreign.append(path)
             continue
-        split, kind, index, mask = match.groups()
-        split = "test" if split == "ground_truth" else split
-        count = _count(counts, split, kind)
-        is_mask = match.group(1) == "ground_truth"
+        folder_name, kind, index, mask = match.groups()
+        is_mask = folder_name == "ground_truth"  # the masks of test/<kind>
+        count = _count(counts, "test" if is_mask else folder_name, kind)
         if is_mask != bool(mask) or (is_mask and kind == "good") or int(index) >= count:
             foreign.append(path)
     return foreign
