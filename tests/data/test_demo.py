@@ -322,7 +322,7 @@ def test_bands_are_disjoint_and_cover_the_photo() -> None:
     photo = np.arange(512 * 512).reshape(512, 512)
     side = demo._crop_side(photo)
     train, test = demo._split_bands(photo, side)
-    assert side == 192 and test.shape == (512, 192) and train.shape == (512, 320)
+    assert side == 128 and test.shape == (512, 128) and train.shape == (512, 384)
     assert np.array_equal(np.concatenate([train, test], axis=1), photo)
 
 

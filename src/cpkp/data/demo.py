@@ -47,11 +47,11 @@ DEMO_CATEGORIES = ("brick", "grass", "gravel", "tissue")
 DEFECT_KINDS = ("scratch", "hole", "stain", "foreign")
 
 GENERATOR = "cpkp.data.demo"
-GENERATOR_VERSION = 2  # bump when the images change for the same parameters
+GENERATOR_VERSION = 3  # bump when the images change for the same parameters
 MARKER_FILE = "demo.json"
 DEFECTS_FILE = "defects.json"
 
-CROP_FRACTION = 3 / 8  # crop side, as a fraction of the photo's shorter side
+CROP_FRACTION = 1 / 4  # crop side, as a fraction of the photo's shorter side (the magnification)
 MASK_FRACTION = 0.1  # a pixel is in the footprint where the defect weight is >= 10% of its peak
 MIN_RANGE = 64.0  # floor on the local intensity range, in 8-bit levels
 MIN_DEFECT_PIXELS = 4  # floor on the footprint of the smallest defects at small sizes
@@ -537,7 +537,7 @@ def _code(category: str) -> int:
 
 
 def _crop_side(photo: np.ndarray) -> int:
-    # Crops keep one physical scale at every `size`; at 256 px they are upsampled by 4/3.
+    # Crops keep one physical scale at every `size`; at 256 px they are upsampled by 2.
     return int(min(photo.shape[:2]) * CROP_FRACTION)
 
 
