@@ -259,7 +259,7 @@ def test_paths_in_the_run_folder_are_absolute(trained, run_copy, tmp_path, monke
     assert "image_auroc" in capsys.readouterr().out
 
 
-def test_missing_or_unfinished_run_gives_one_line(trained, run_copy, tmp_path, capsys):
+def test_missing_or_unfinished_run_gives_one_line(trained, run_copy, tmp_path, monkeypatch, capsys):
     _, data, _ = trained
     image = str(next((data / "cat" / "test" / "good").glob("*.png")))
     missing = tmp_path / "nonexistent"
@@ -272,6 +272,12 @@ def test_missing_or_unfinished_run_gives_one_line(trained, run_copy, tmp_path, c
     line = _fails(["-q", "train", "--resume", str(missing)], capsys)
     assert line == f"cpkp: error: {missing}: run folder not found"
     assert not missing.exists()
+
+    not_a_run = tmp_path / "not-a-run"
+    not_a_run.mkdir()
+    monkeypatch.chdir(not_a_run)  # the default --out, predictions/, would lie inside it
+    line = _fails(["-q", "predict", "--run", str(not_a_run), image], capsys)
+    assert line == f"cpkp: error: {not_a_run}: not a cpkp run folder (no {runio.META_FILE})"
 
     (run_copy / runio.META_FILE).unlink()
     line = _fails(["-q", "predict", "--run", str(run_copy), image], capsys)

@@ -546,6 +546,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     paths = _expand_inputs(args.paths)
     if not paths:
         raise ConfigError("no image files found in the given paths")
+    if args.run is not None:
+        runio.check_run_dir(Path(args.run))  # "not a run" before what --out would do to one
     _check_predict_out(Path(args.out), paths, args.run or _source_run(args.model))
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):
         if value is not None and value < low:
@@ -604,7 +606,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             f"none of the {len(failed)} input image(s) could be read; nothing written to {out}"
         )
     runio.write_text(out / "predictions.csv", _predictions_csv(rows, failed))
-    print(f"{len(rows)} images scored, {len(failed)} unreadable; results in {out}")
+    print(f"{len(rows)} image(s) scored, {len(failed)} unreadable; results in {out}")
     if failed:
         print(
             f"cpkp: skipped {len(failed)} unreadable file(s): {', '.join(failed)}", file=sys.stderr
@@ -949,7 +951,10 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
         size=args.size,
     )
     print(_format_summary(summary))
-    print(f"demo dataset written to {args.out}")
+    if summary["reused"]:
+        print(f"demo dataset already in {args.out} (same parameters), reused")
+    else:
+        print(f"demo dataset written to {args.out}")
     return 0
 
 

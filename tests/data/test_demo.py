@@ -344,6 +344,20 @@ def test_same_parameters_reuse_and_others_rewrite(tmp_path: Path) -> None:
     assert len(list((out / "grass/train/good").iterdir())) == 2
 
 
+def test_the_command_says_whether_it_wrote_or_reused(tmp_path: Path, capsys) -> None:
+    from cpkp.cli import main
+
+    out = tmp_path / "demo"
+    argv = ["-q", "demo-data", "--out", str(out), "--categories", "brick"]
+    argv += [f"--{key.replace('_', '-')}={value}" for key, value in SMALL.items()]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.endswith(f"demo dataset written to {out}\n")
+    assert main(argv) == 0
+    assert capsys.readouterr().out.endswith(
+        f"demo dataset already in {out} (same parameters), reused\n"
+    )
+
+
 def test_a_users_folder_is_left_alone(tmp_path: Path) -> None:
     (tmp_path / "mine.txt").write_text("keep")
     with pytest.raises(DatasetError, match="not empty"):
