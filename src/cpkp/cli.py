@@ -666,9 +666,7 @@ def _predictor(args: argparse.Namespace) -> _Predictor:
 
     from cpkp.api import Detector
 
-    run = Path(args.run)
-    runio.check_run_dir(run)
-    detector = Detector.load(run)
+    detector = Detector.load(Path(args.run))  # cmd_predict checked that it is a run
     detector.config.train.amp |= args.amp
     detector.config.train.compile |= args.compile
     return _Predictor(
