@@ -336,7 +336,10 @@ def _assert_valid_or_image_error(path: Path) -> np.ndarray | None:
 
 @pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # Pillow's note on damaged TIFFs
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    derandomize=True,  # the same examples on every run: the suite is deterministic
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(
     magic=st.sampled_from(MAGIC),
@@ -353,7 +356,10 @@ def test_random_bytes_load_or_raise_image_error(
 
 @pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # Pillow's note on damaged TIFFs
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    derandomize=True,  # the same examples on every run: the suite is deterministic
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(
     data=st.data(),
