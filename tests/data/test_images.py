@@ -334,13 +334,17 @@ def _assert_valid_or_image_error(path: Path) -> np.ndarray | None:
     return image
 
 
-@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # Pillow's note on damaged TIFFs
-@settings(
-    derandomize=True,  # the same examples on every run: the suite is deterministic
+# Both fuzz tests draw the same examples on every run: the suite is deterministic.
+FUZZ = settings(
+    derandomize=True,
     max_examples=60,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # Pillow's note on damaged TIFFs
+@FUZZ
 @given(
     magic=st.sampled_from(MAGIC),
     body=st.binary(max_size=256),
@@ -355,12 +359,7 @@ def test_random_bytes_load_or_raise_image_error(
 
 
 @pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # Pillow's note on damaged TIFFs
-@settings(
-    derandomize=True,  # the same examples on every run: the suite is deterministic
-    max_examples=60,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
+@FUZZ
 @given(
     data=st.data(),
     mode=st.sampled_from(sorted(MODE_FORMATS)),
